@@ -1,0 +1,431 @@
+//! Settings: the layered configuration of `../shared/design/CONFIG.md`.
+//!
+//! Layers, later winning: built-in defaults, `config/default.toml` in the
+//! working directory, the `--config` file (or `ROOMHUB_CONFIG`), then
+//! `ROOMHUB_<SECTION>__<KEY>` variables. Unknown keys, malformed values and
+//! impossible combinations are reported with the key and where it came from;
+//! nothing here starts anything.
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::{Figment, Metadata, Source};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The prefix of every environment variable the hub reads.
+pub const ENV_PREFIX: &str = "ROOMHUB_";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub storage: StorageSettings,
+    pub history: HistorySettings,
+    pub heartbeat: HeartbeatSettings,
+    pub limits: LimitSettings,
+    pub auth: AuthSettings,
+    pub cluster: ClusterSettings,
+    pub rooms: RoomSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    pub bind: SocketAddr,
+    /// `None`: a random id, made once and kept in the data dir.
+    #[serde(
+        deserialize_with = "lenient_opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub node_id: Option<String>,
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            node_id: None,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Ack a publish only after a (group-committed) flush to disk.
+    Sync,
+    /// Ack on write; the store is flushed every few milliseconds.
+    Batched,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSettings {
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            durability: Durability::Sync,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistorySettings {
+    pub max_per_room: u64,
+    pub ttl_secs: u64,
+    pub replay: usize,
+    pub dedup_window_secs: u64,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        Self {
+            max_per_room: 1000,
+            ttl_secs: 0,
+            replay: 50,
+            dedup_window_secs: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeartbeatSettings {
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+}
+
+impl Default for HeartbeatSettings {
+    fn default() -> Self {
+        Self {
+            interval_ms: 10_000,
+            timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    pub publish_per_sec: u32,
+    pub publish_burst: u32,
+    pub max_message_bytes: usize,
+    pub max_frame_bytes: usize,
+    pub max_rooms_per_connection: usize,
+    pub max_connections_per_ip: u32,
+    pub handshakes_per_ip_per_sec: u32,
+    pub outbound_queue: usize,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            publish_per_sec: 10,
+            publish_burst: 20,
+            max_message_bytes: 16_384,
+            max_frame_bytes: 65_536,
+            max_rooms_per_connection: 32,
+            max_connections_per_ip: 1000,
+            handshakes_per_ip_per_sec: 50,
+            outbound_queue: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    pub anonymous: bool,
+    #[serde(deserialize_with = "lenient_string")]
+    pub jwt_secret: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub api_key: String,
+    #[serde(deserialize_with = "comma_list")]
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            anonymous: true,
+            jwt_secret: String::new(),
+            api_key: String::new(),
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    #[serde(deserialize_with = "lenient_string")]
+    pub nats_url: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub subject_prefix: String,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            nats_url: String::new(),
+            subject_prefix: "roomhub".into(),
+        }
+    }
+}
+
+/// An addition to CONFIG.md: how rooms live on a node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoomSettings {
+    /// An empty room's actor stops after this long without members.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for RoomSettings {
+    fn default() -> Self {
+        Self {
+            idle_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// A setting that stops start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Settings {
+    /// Loads the layers of CONFIG.md. `config_file` is `--config` or `ROOMHUB_CONFIG`.
+    pub fn load(config_file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let mut figment = Figment::new().merge(Serialized::defaults(Settings::default()));
+        let default_file = Path::new("config/default.toml");
+        if default_file.is_file() {
+            figment = figment.merge(Toml::file_exact(default_file));
+        }
+        if let Some(file) = config_file {
+            if !file.is_file() {
+                return Err(ConfigError::MissingFile(file.to_owned()));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .split("__")
+                // ROOMHUB_CONFIG names the file; it is not a setting.
+                .filter(|key| key != "config"),
+        );
+        let settings: Settings = figment.extract().map_err(|e| describe_figment_error(e))?;
+        settings.validate().map_err(|(key, problem)| {
+            let source = figment
+                .find_metadata(key)
+                .map(|m| source_of(m, key))
+                .unwrap_or_else(|| "defaults".into());
+            ConfigError::Invalid(format!("{key} (from {source}): {problem}"))
+        })?;
+        Ok(settings)
+    }
+
+    /// Checks combinations that no single type can express; returns the key at fault.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        fn at_least(key: &'static str, v: u64, min: u64) -> Result<(), (&'static str, String)> {
+            if v < min {
+                Err((key, format!("must be at least {min}, got {v}")))
+            } else {
+                Ok(())
+            }
+        }
+        at_least("history.max_per_room", self.history.max_per_room, 1)?;
+        if self.history.replay > crate::protocol::MAX_HISTORY_PAGE {
+            return Err((
+                "history.replay",
+                format!("must be at most {}", crate::protocol::MAX_HISTORY_PAGE),
+            ));
+        }
+        at_least("heartbeat.interval_ms", self.heartbeat.interval_ms, 10)?;
+        if self.heartbeat.timeout_ms <= self.heartbeat.interval_ms {
+            return Err((
+                "heartbeat.timeout_ms",
+                "must be greater than heartbeat.interval_ms".into(),
+            ));
+        }
+        at_least(
+            "limits.publish_per_sec",
+            self.limits.publish_per_sec.into(),
+            1,
+        )?;
+        at_least("limits.publish_burst", self.limits.publish_burst.into(), 1)?;
+        at_least(
+            "limits.max_message_bytes",
+            self.limits.max_message_bytes as u64,
+            1,
+        )?;
+        if self.limits.max_frame_bytes <= self.limits.max_message_bytes {
+            return Err((
+                "limits.max_frame_bytes",
+                "must be greater than limits.max_message_bytes".into(),
+            ));
+        }
+        at_least(
+            "limits.max_rooms_per_connection",
+            self.limits.max_rooms_per_connection as u64,
+            1,
+        )?;
+        at_least(
+            "limits.max_connections_per_ip",
+            self.limits.max_connections_per_ip.into(),
+            1,
+        )?;
+        at_least(
+            "limits.handshakes_per_ip_per_sec",
+            self.limits.handshakes_per_ip_per_sec.into(),
+            1,
+        )?;
+        at_least(
+            "limits.outbound_queue",
+            self.limits.outbound_queue as u64,
+            1,
+        )?;
+        if !self.auth.anonymous && self.auth.jwt_secret.is_empty() {
+            return Err((
+                "auth.anonymous",
+                "is false but auth.jwt_secret is empty: nobody could connect".into(),
+            ));
+        }
+        if let Some(id) = &self.server.node_id {
+            if crate::protocol::UserId::parse(id).is_err() {
+                return Err((
+                    "server.node_id",
+                    "must be 1-64 characters of [A-Za-z0-9._-]".into(),
+                ));
+            }
+        }
+        let prefix_ok = !self.cluster.subject_prefix.is_empty()
+            && self
+                .cluster
+                .subject_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !prefix_ok {
+            return Err((
+                "cluster.subject_prefix",
+                "must be 1 or more characters of [A-Za-z0-9_-]".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The settings as `check-config` prints them: TOML, secrets masked.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        for secret in [&mut shown.auth.jwt_secret, &mut shown.auth.api_key] {
+            if !secret.is_empty() {
+                *secret = "<redacted>".into();
+            }
+        }
+        // Settings holds only strings, numbers, bools, lists and tables.
+        toml::to_string_pretty(&shown).expect("settings serialize to TOML")
+    }
+}
+
+/// Where a value came from, in words a user can act on: the file's path or the
+/// exact environment variable.
+fn source_of(meta: &Metadata, key: &str) -> String {
+    match &meta.source {
+        Some(Source::File(path)) => path.display().to_string(),
+        _ if meta.name.contains("environment") => {
+            format!("{ENV_PREFIX}{}", key.replace('.', "__").to_uppercase())
+        }
+        _ => meta.name.to_string(),
+    }
+}
+
+fn describe_figment_error(error: figment::Error) -> ConfigError {
+    let lines: Vec<String> = error
+        .into_iter()
+        .map(|e| {
+            let mut key = e.path.join(".");
+            if let figment::error::Kind::UnknownField(field, _) = &e.kind {
+                key = if key.is_empty() {
+                    field.clone()
+                } else {
+                    format!("{key}.{field}")
+                };
+            }
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| source_of(m, &key))
+                .unwrap_or_else(|| "unknown source".into());
+            let what = match &e.kind {
+                figment::error::Kind::UnknownField(..) => "unknown key".to_string(),
+                other => other.to_string(),
+            };
+            format!("{key} (from {source}): {what}")
+        })
+        .collect();
+    ConfigError::Invalid(lines.join("\n"))
+}
+
+/// A string setting that also accepts numbers and booleans, because values
+/// from environment variables arrive typed ("12345" becomes a number).
+fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+    d.deserialize_any(V)
+}
+
+fn lenient_opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    lenient_string(d).map(|s| Some(s).filter(|s| !s.is_empty()))
+}
+
+/// A list setting: a TOML array, or one string of comma-separated values (env).
+fn comma_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        One(String),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::List(v) => v,
+        Raw::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+    })
+}

@@ -1,0 +1,31 @@
+//! roomhub: a self-hosted realtime hub (rooms, history with resume, presence,
+//! direct messages) over WebSockets.
+//!
+//! Code map, in reading order:
+//! - [`protocol`]: PURE wire types, codec, names, error and close codes.
+//! - [`config`]: layered settings (CONFIG.md), validated before anything starts.
+//! - [`storage`]: the history log trait, sled (group commit) and in-memory
+//!   implementations, store-format migrations.
+//! - [`room`]: one actor per room, the only writer of its log; the registry.
+//! - [`outbound`]: the one non-blocking way frames reach sessions.
+//! - [`directory`]: sessions by user, for direct messages and the drain.
+//! - [`session`]: the WebSocket session (the only user of actix-web-actors).
+//! - [`http`]: the route table: `/ws`, health, metrics, the HTTP API, the web client.
+//! - [`metrics`], [`telemetry`]: Prometheus counters, tracing setup.
+//! - [`shutdown`], [`startup`]: the drain, and wiring the app together.
+//!
+//! Absent on purpose: sessions never touch the store; rooms never touch sockets.
+
+pub mod config;
+pub mod directory;
+pub mod http;
+pub mod metrics;
+pub mod outbound;
+pub mod protocol;
+pub mod room;
+pub mod session;
+pub mod shutdown;
+pub mod startup;
+pub mod state;
+pub mod storage;
+pub mod telemetry;

@@ -1,0 +1,91 @@
+//! Prometheus metrics: one registry per app, so tests and benches running
+//! several apps in one process do not share counters.
+
+use crate::protocol::ErrorCode;
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub connections: IntGauge,
+    pub rooms: IntGauge,
+    pub messages_published: IntCounter,
+    pub messages_delivered: IntCounter,
+    pub direct_messages: IntCounter,
+    pub slow_consumer_disconnects: IntCounter,
+    errors: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        // Names and labels are constants, so registration cannot fail.
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let errors = IntCounterVec::new(
+            Opts::new("roomhub_errors_total", "error frames sent, by code"),
+            &["code"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(errors.clone()))
+            .expect("unique metric");
+        for code in ErrorCode::ALL {
+            errors.with_label_values(&[code.as_str()]);
+        }
+        Self {
+            connections: gauge("roomhub_connections", "open WebSocket connections"),
+            rooms: gauge("roomhub_rooms", "room actors alive on this node"),
+            messages_published: counter(
+                "roomhub_messages_published_total",
+                "messages stored (acked)",
+            ),
+            messages_delivered: counter(
+                "roomhub_messages_delivered_total",
+                "message frames handed to sessions",
+            ),
+            direct_messages: counter(
+                "roomhub_direct_messages_total",
+                "direct messages handed to sessions",
+            ),
+            slow_consumer_disconnects: counter(
+                "roomhub_slow_consumer_disconnects_total",
+                "sessions closed with 1013 because they could not keep up",
+            ),
+            errors,
+            registry,
+        }
+    }
+
+    pub fn error(&self, code: ErrorCode) {
+        self.errors.with_label_values(&[code.as_str()]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Writing to a Vec cannot fail, and every metric is valid.
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("metrics encode");
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,739 @@
+//! The room actor: the one writer of its room's log on this node.
+//!
+//! A publish gets the next offset at once and goes to the store; the room
+//! keeps it in `unpersisted` until the store says it is durable, and only
+//! then fans it out (to every member, the publisher's session included) and
+//! acks it. Fan-out and acks therefore follow offset order, and no client
+//! ever sees a message that a crash could take back.
+//!
+//! The room keeps the newest durable messages in memory (`tail`) so joins and
+//! history pages are usually answered without the store. Deeper reads run on
+//! a blocking thread; a `join` that needs one pauses this room's mailbox
+//! (`AtomicResponse`) so that its history and the live messages after it
+//! meet without a gap or a repeat. The thread itself is never blocked.
+
+use super::messages::*;
+use super::registry::{RoomContext, RoomRegistry, RoomStats};
+use crate::outbound::{error_frame, offer, Offer, Outbound};
+use crate::protocol::server::MessageTag;
+use crate::protocol::{
+    encode, EncodedMessage, Message, PresenceEntry, RoomName, ServerFrame, SessionId, UserId,
+};
+use crate::storage::{new_epoch, RoomSnapshot, StoreError, Take, WriteBatch, WriteOp};
+use actix::prelude::*;
+use bytestring::ByteString;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The tail holds at most this many messages (enough for any single page)...
+const TAIL_MAX_MESSAGES: usize = 256;
+/// ...and at most this many bytes, so big messages cannot bloat a room.
+const TAIL_MAX_BYTES: usize = 1 << 20;
+/// How often a room expires keys and messages and checks whether it is idle.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(1);
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct Member {
+    user: UserId,
+    outbox: Recipient<Outbound>,
+}
+
+/// A message given an offset, waiting for the store.
+struct Pending {
+    message: EncodedMessage,
+    reply: Option<PublishReply>,
+}
+
+/// The room's log as this node knows it (present once loaded).
+struct LogState {
+    epoch: u64,
+    /// The newest offset handed out.
+    last_assigned: u64,
+    /// The newest offset known durable; everything served is at or below it.
+    durable: u64,
+    /// The oldest retained offset.
+    first_retained: u64,
+    /// The newest durable messages, contiguous up to `durable`.
+    tail: VecDeque<EncodedMessage>,
+    tail_bytes: usize,
+    /// Idempotency key → (first offset, when it was first seen, unix ms).
+    keys: HashMap<String, (u64, u64)>,
+    unpersisted: VecDeque<Pending>,
+    /// Acks for repeated keys whose first publish is not durable yet.
+    waiting_acks: Vec<(u64, PublishReply)>,
+}
+
+impl LogState {
+    fn from_snapshot(snapshot: RoomSnapshot, epoch: u64, dedup_window_ms: u64) -> Self {
+        let cutoff = now_ms().saturating_sub(dedup_window_ms);
+        let tail_bytes = snapshot.tail.iter().map(|m| m.as_str().len()).sum();
+        LogState {
+            epoch,
+            last_assigned: snapshot.last_offset,
+            durable: snapshot.last_offset,
+            first_retained: snapshot.first_offset,
+            tail: snapshot.tail.into(),
+            tail_bytes,
+            keys: snapshot
+                .keys
+                .into_iter()
+                .filter(|k| k.ts >= cutoff)
+                .map(|k| (k.key, (k.offset, k.ts)))
+                .collect(),
+            unpersisted: VecDeque::new(),
+            waiting_acks: Vec::new(),
+        }
+    }
+
+    fn push_tail(&mut self, message: EncodedMessage) {
+        self.tail_bytes += message.as_str().len();
+        self.tail.push_back(message);
+        while self.tail.len() > TAIL_MAX_MESSAGES
+            || (self.tail_bytes > TAIL_MAX_BYTES && self.tail.len() > 1)
+        {
+            self.pop_tail();
+        }
+    }
+
+    fn pop_tail(&mut self) {
+        if let Some(old) = self.tail.pop_front() {
+            self.tail_bytes -= old.as_str().len();
+        }
+    }
+
+    fn forget_before(&mut self, first_retained: u64) {
+        self.first_retained = self.first_retained.max(first_retained);
+        while self
+            .tail
+            .front()
+            .is_some_and(|m| m.offset < self.first_retained)
+        {
+            self.pop_tail();
+        }
+    }
+
+    /// The first offset the tail holds (`durable + 1` when it is empty).
+    fn tail_start(&self) -> u64 {
+        self.tail.front().map_or(self.durable + 1, |m| m.offset)
+    }
+}
+
+/// A contiguous range of durable offsets to read, `limit` from one end.
+#[derive(Debug, Clone, Copy)]
+struct RangeQuery {
+    from: u64,
+    to: u64,
+    limit: usize,
+    take: Take,
+}
+
+pub struct RoomActor {
+    name: RoomName,
+    generation: u64,
+    registry: RoomRegistry,
+    context: Arc<RoomContext>,
+    stats: Arc<RoomStats>,
+    log: Option<LogState>,
+    members: HashMap<SessionId, Member>,
+    /// Sessions per user, sorted so presence lists are stable.
+    presence: BTreeMap<UserId, u32>,
+    empty_since: Option<Instant>,
+}
+
+impl RoomActor {
+    pub(crate) fn new(
+        name: RoomName,
+        generation: u64,
+        stats: Arc<RoomStats>,
+        registry: RoomRegistry,
+    ) -> Self {
+        Self {
+            name,
+            generation,
+            context: registry.context().clone(),
+            registry,
+            stats,
+            log: None,
+            members: HashMap::new(),
+            presence: BTreeMap::new(),
+            empty_since: Some(Instant::now()),
+        }
+    }
+
+    fn settings(&self) -> &crate::config::Settings {
+        &self.context.settings
+    }
+
+    fn presence_list(&self) -> Vec<PresenceEntry> {
+        self.presence
+            .iter()
+            .map(|(user, &sessions)| PresenceEntry {
+                user: user.clone(),
+                sessions,
+            })
+            .collect()
+    }
+
+    fn update_stats(&self) {
+        self.stats
+            .users
+            .store(self.presence.len(), Ordering::Relaxed);
+        self.stats
+            .sessions
+            .store(self.members.len(), Ordering::Relaxed);
+    }
+
+    /// Offers `frame` to every member `to` accepts; evicts those that cannot keep up.
+    fn fan_out(&mut self, frame: ByteString, to: impl Fn(SessionId, &Member) -> bool) -> u64 {
+        let mut delivered = 0;
+        let mut lost = Vec::new();
+        for (&id, member) in &self.members {
+            if !to(id, member) {
+                continue;
+            }
+            match offer(&member.outbox, frame.clone()) {
+                Offer::Delivered => delivered += 1,
+                Offer::Evicted => {
+                    self.context.metrics.slow_consumer_disconnects.inc();
+                    lost.push(id);
+                }
+                Offer::Gone => lost.push(id),
+            }
+        }
+        for id in lost {
+            self.remove_member(id);
+        }
+        delivered
+    }
+
+    fn add_member(&mut self, session: SessionId, user: UserId, outbox: Recipient<Outbound>) {
+        if self.members.contains_key(&session) {
+            return;
+        }
+        self.empty_since = None;
+        let count = self.presence.entry(user.clone()).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            let frame = ByteString::from(encode(&ServerFrame::UserJoined {
+                room: &self.name,
+                user: &user,
+            }));
+            self.fan_out(frame, |_, _| true);
+        }
+        self.members.insert(session, Member { user, outbox });
+        self.update_stats();
+    }
+
+    fn remove_member(&mut self, session: SessionId) {
+        let Some(member) = self.members.remove(&session) else {
+            return;
+        };
+        if let Some(count) = self.presence.get_mut(&member.user) {
+            *count -= 1;
+            if *count == 0 {
+                self.presence.remove(&member.user);
+                let frame = ByteString::from(encode(&ServerFrame::UserLeft {
+                    room: &self.name,
+                    user: &member.user,
+                }));
+                self.fan_out(frame, |_, _| true);
+            }
+        }
+        if self.members.is_empty() {
+            self.empty_since = Some(Instant::now());
+        }
+        self.update_stats();
+    }
+
+    /// Answers a range from the tail when it holds what is asked, else hands
+    /// the query back to be read from the store.
+    fn from_tail(&self, q: RangeQuery) -> Result<Vec<EncodedMessage>, RangeQuery> {
+        let Some(log) = &self.log else {
+            return Ok(Vec::new());
+        };
+        if q.from > q.to || q.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let in_range = || {
+            log.tail
+                .iter()
+                .filter(|m| m.offset >= q.from && m.offset <= q.to)
+        };
+        let covered =
+            q.from >= log.tail_start() || (q.take == Take::Newest && in_range().count() >= q.limit);
+        if !covered {
+            return Err(q);
+        }
+        Ok(match q.take {
+            Take::Oldest => in_range().take(q.limit).cloned().collect(),
+            Take::Newest => {
+                let all: Vec<_> = in_range().collect();
+                all[all.len().saturating_sub(q.limit)..]
+                    .iter()
+                    .map(|m| (*m).clone())
+                    .collect()
+            }
+        })
+    }
+
+    /// Reads a range, from the tail or (off this thread) from the store.
+    fn read(&self, q: RangeQuery) -> ResponseFuture<Result<Vec<EncodedMessage>, StoreError>> {
+        match self.from_tail(q) {
+            Ok(messages) => Box::pin(async move { Ok(messages) }),
+            Err(q) => {
+                let store = self.context.store.clone();
+                let room = self.name.clone();
+                Box::pin(async move {
+                    tokio::task::spawn_blocking(move || {
+                        store.read_range(&room, q.from, q.to, q.limit, q.take)
+                    })
+                    .await
+                    .unwrap_or(Err(StoreError::Closed))
+                })
+            }
+        }
+    }
+
+    fn reply_ack(&self, reply: PublishReply, offset: u64) {
+        match reply {
+            PublishReply::Session {
+                outbox, reference, ..
+            } => {
+                let frame = encode(&ServerFrame::Ack {
+                    reference: reference.as_deref(),
+                    offset: Some(offset),
+                });
+                offer(&outbox, frame.into());
+            }
+            PublishReply::Api(tx) => {
+                let _ = tx.send(Ok(offset));
+            }
+        }
+    }
+
+    fn reply_error(&self, reply: PublishReply, error: RoomError) {
+        match reply {
+            PublishReply::Session {
+                outbox, reference, ..
+            } => {
+                let frame = error_frame(
+                    &self.context.metrics,
+                    reference.as_deref(),
+                    error.code(),
+                    &error.to_string(),
+                );
+                offer(&outbox, frame);
+            }
+            PublishReply::Api(tx) => {
+                let _ = tx.send(Err(error));
+            }
+        }
+    }
+
+    /// The store failed: nothing after `durable` can be trusted. Refuse what is
+    /// pending, drop every member (they are told, and may join again) and stop,
+    /// so the next use reloads the room from the store.
+    fn fail(&mut self, ctx: &mut Context<Self>, error: StoreError) {
+        tracing::error!(room = %self.name, %error, "room stopped after a store failure");
+        if let Some(log) = self.log.take() {
+            for pending in log.unpersisted {
+                if let Some(reply) = pending.reply {
+                    self.reply_error(reply, RoomError::Store(error.clone()));
+                }
+            }
+            for (_, reply) in log.waiting_acks {
+                self.reply_error(reply, RoomError::Store(error.clone()));
+            }
+        }
+        for member in self.members.values() {
+            member
+                .outbox
+                .do_send(Outbound::RoomClosed(self.name.clone()));
+        }
+        self.members.clear();
+        self.presence.clear();
+        self.update_stats();
+        self.registry.remove(&self.name, self.generation);
+        ctx.stop();
+    }
+
+    fn maintain(&mut self, ctx: &mut Context<Self>) {
+        let settings = self.context.settings.clone();
+        if let Some(idle) = self.empty_since {
+            let quiet = self.log.as_ref().is_none_or(|l| l.unpersisted.is_empty());
+            if quiet && idle.elapsed() >= Duration::from_millis(settings.rooms.idle_timeout_ms) {
+                self.registry.remove(&self.name, self.generation);
+                ctx.stop();
+                return;
+            }
+        }
+        let Some(log) = self.log.as_mut() else { return };
+        let now = now_ms();
+        // Forget idempotency keys whose window has passed.
+        let key_cutoff = now.saturating_sub(settings.history.dedup_window_secs * 1000);
+        let expired: Vec<String> = log
+            .keys
+            .iter()
+            .filter(|(_, &(_, ts))| ts < key_cutoff)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if !expired.is_empty() {
+            for k in &expired {
+                log.keys.remove(k);
+            }
+            self.write(ctx, vec![WriteOp::ForgetKeys(expired)], None);
+        }
+        self.expire_messages(ctx, now);
+    }
+
+    /// Prunes messages older than `history.ttl_secs`.
+    fn expire_messages(&mut self, ctx: &mut Context<Self>, now: u64) {
+        let ttl_ms = self.settings().history.ttl_secs * 1000;
+        let Some(log) = self.log.as_ref() else { return };
+        if ttl_ms == 0 || log.first_retained > log.durable {
+            return;
+        }
+        let cutoff = now.saturating_sub(ttl_ms);
+        // Nothing to do when the oldest retained message is in the tail and young.
+        if log
+            .tail
+            .front()
+            .is_some_and(|m| m.offset == log.first_retained && m.ts >= cutoff)
+        {
+            return;
+        }
+        let (store, room, from, durable) = (
+            self.context.store.clone(),
+            self.name.clone(),
+            log.first_retained,
+            log.durable,
+        );
+        let find = tokio::task::spawn_blocking(move || store.first_unexpired(&room, from, cutoff));
+        ctx.spawn(find.into_actor(self).map(move |found, act, ctx| {
+            let Ok(Ok(keep_from)) = found else { return };
+            let keep_from = keep_from.min(durable + 1);
+            let Some(log) = act.log.as_mut() else { return };
+            if keep_from > log.first_retained {
+                let from = log.first_retained;
+                log.forget_before(keep_from);
+                act.write(
+                    ctx,
+                    vec![WriteOp::Prune {
+                        from,
+                        to: keep_from,
+                    }],
+                    None,
+                );
+            }
+        }));
+    }
+
+    /// Sends ops to the store; `upto` marks a batch that makes offsets durable.
+    fn write(&self, ctx: &mut Context<Self>, ops: Vec<WriteOp>, upto: Option<u64>) {
+        let Some(log) = &self.log else { return };
+        let addr = ctx.address();
+        let room = self.name.clone();
+        let batch = WriteBatch {
+            room: self.name.clone(),
+            epoch: log.epoch,
+            ops,
+        };
+        self.context.store.write(
+            batch,
+            Box::new(move |result| match upto {
+                Some(upto) => addr.do_send(Persisted { upto, result }),
+                None => {
+                    if let Err(error) = result {
+                        tracing::warn!(%room, %error, "room housekeeping write failed");
+                    }
+                }
+            }),
+        );
+    }
+
+    fn loaded(&mut self, ctx: &mut Context<Self>, snapshot: RoomSnapshot) {
+        let window_ms = self.settings().history.dedup_window_secs * 1000;
+        match snapshot.epoch {
+            Some(epoch) => self.log = Some(LogState::from_snapshot(snapshot, epoch, window_ms)),
+            None => {
+                let epoch = new_epoch();
+                self.log = Some(LogState::from_snapshot(snapshot, epoch, window_ms));
+                self.write(ctx, vec![WriteOp::CreateLog { epoch }], None);
+            }
+        }
+    }
+}
+
+impl Actor for RoomActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Rooms take a burst of publishes from many sessions; their senders use
+        // `do_send`, so this only sizes the channel's first allocation.
+        ctx.set_mailbox_capacity(1024);
+        let (store, room) = (self.context.store.clone(), self.name.clone());
+        let load = tokio::task::spawn_blocking(move || store.load_room(&room, TAIL_MAX_MESSAGES));
+        // `wait`: no message is handled before the log is loaded.
+        ctx.wait(load.into_actor(self).map(|result, act, ctx| {
+            match result.unwrap_or(Err(StoreError::Closed)) {
+                Ok(snapshot) => act.loaded(ctx, snapshot),
+                Err(error) => act.fail(ctx, error),
+            }
+        }));
+        ctx.run_interval(MAINTENANCE_EVERY, |act, ctx| act.maintain(ctx));
+    }
+}
+
+impl Handler<Join> for RoomActor {
+    type Result = AtomicResponse<Self, Result<ByteString, RoomError>>;
+
+    fn handle(&mut self, msg: Join, _ctx: &mut Context<Self>) -> Self::Result {
+        let Some(log) = &self.log else {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(RoomError::Restarting))));
+        };
+        let (epoch, durable, first) = (log.epoch, log.durable, log.first_retained);
+        // Resume only within this epoch, from a point we have reached, with
+        // nothing after it pruned.
+        let resumable = msg
+            .since
+            .filter(|s| s.epoch == epoch && s.offset <= durable && s.offset + 1 >= first);
+        let query = match resumable {
+            Some(since) => RangeQuery {
+                from: since.offset + 1,
+                to: durable,
+                limit: usize::MAX,
+                take: Take::Oldest,
+            },
+            None => RangeQuery {
+                from: first,
+                to: durable,
+                limit: msg.history,
+                take: Take::Newest,
+            },
+        };
+        self.add_member(msg.session, msg.user, msg.outbox);
+        let history = self.read(query);
+        let reference = msg.reference;
+        AtomicResponse::new(Box::pin(history.into_actor(self).map(
+            move |history, act, _| {
+                let history = history?;
+                let frame = encode(&ServerFrame::Joined {
+                    reference: reference.as_deref(),
+                    room: &act.name,
+                    epoch,
+                    offset: durable,
+                    history: &history,
+                    recovered: resumable.is_some(),
+                    presence: &act.presence_list(),
+                });
+                Ok(ByteString::from(frame))
+            },
+        )))
+    }
+}
+
+impl Handler<Leave> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Leave, _ctx: &mut Context<Self>) {
+        self.remove_member(msg.session);
+    }
+}
+
+impl Handler<Publish> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Publish, ctx: &mut Context<Self>) {
+        if let PublishReply::Session { session, .. } = &msg.reply {
+            if !self.members.contains_key(session) {
+                return self.reply_error(msg.reply, RoomError::NotJoined);
+            }
+        }
+        let window_ms = self.settings().history.dedup_window_secs * 1000;
+        let max_per_room = self.settings().history.max_per_room;
+        let Some(log) = self.log.as_mut() else {
+            return self.reply_error(msg.reply, RoomError::Restarting);
+        };
+        let now = now_ms();
+        if let Some(&(offset, seen)) = msg.key.as_ref().and_then(|k| log.keys.get(k)) {
+            if now.saturating_sub(seen) < window_ms {
+                if offset <= log.durable {
+                    self.reply_ack(msg.reply, offset);
+                } else {
+                    log.waiting_acks.push((offset, msg.reply));
+                }
+                return;
+            }
+        }
+        let offset = log.last_assigned + 1;
+        log.last_assigned = offset;
+        let id = format!(
+            "{:016x}{:016x}",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
+        let message = Message {
+            kind: MessageTag,
+            room: &self.name,
+            offset,
+            id: &id,
+            user: &msg.user,
+            data: &msg.data,
+            ts: now,
+        }
+        .encode();
+        if let Some(key) = &msg.key {
+            log.keys.insert(key.clone(), (offset, now));
+        }
+        let mut ops = vec![WriteOp::Append {
+            message: message.clone(),
+            key: msg.key,
+        }];
+        if offset + 1 - log.first_retained > max_per_room {
+            let keep_from = offset + 1 - max_per_room;
+            ops.push(WriteOp::Prune {
+                from: log.first_retained,
+                to: keep_from,
+            });
+            log.forget_before(keep_from);
+        }
+        log.unpersisted.push_back(Pending {
+            message,
+            reply: Some(msg.reply),
+        });
+        self.write(ctx, ops, Some(offset));
+    }
+}
+
+impl Handler<Persisted> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Persisted, ctx: &mut Context<Self>) {
+        if let Err(error) = msg.result {
+            return self.fail(ctx, error);
+        }
+        let Some(log) = self.log.as_mut() else { return };
+        let mut ready = Vec::new();
+        while log
+            .unpersisted
+            .front()
+            .is_some_and(|p| p.message.offset <= msg.upto)
+        {
+            // Checked by the loop condition.
+            let pending = log.unpersisted.pop_front().expect("front exists");
+            log.durable = pending.message.offset;
+            if pending.message.offset >= log.first_retained {
+                log.push_tail(pending.message.clone());
+            }
+            ready.push(pending);
+        }
+        let durable = log.durable;
+        let (acks, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut log.waiting_acks)
+            .into_iter()
+            .partition(|(offset, _)| *offset <= durable);
+        log.waiting_acks = waiting;
+        for pending in ready {
+            // Encoded once; every recipient shares these bytes.
+            let frame = ByteString::from(pending.message.as_str());
+            let delivered = self.fan_out(frame, |_, _| true);
+            self.context.metrics.messages_published.inc();
+            self.context.metrics.messages_delivered.inc_by(delivered);
+            if let Some(reply) = pending.reply {
+                self.reply_ack(reply, pending.message.offset);
+            }
+        }
+        for (offset, reply) in acks {
+            self.reply_ack(reply, offset);
+        }
+    }
+}
+
+impl Handler<Typing> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Typing, _ctx: &mut Context<Self>) {
+        let Some(user) = self.members.get(&msg.session).map(|m| m.user.clone()) else {
+            return;
+        };
+        let frame = ByteString::from(encode(&ServerFrame::Typing {
+            room: &self.name,
+            user: &user,
+            active: msg.active,
+        }));
+        self.fan_out(frame, |_, member| member.user != user);
+    }
+}
+
+impl Handler<PresenceQuery> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PresenceQuery, _ctx: &mut Context<Self>) {
+        let Some(member) = self.members.get(&msg.session) else {
+            return;
+        };
+        let frame = encode(&ServerFrame::Presence {
+            reference: msg.reference.as_deref(),
+            room: &self.name,
+            users: &self.presence_list(),
+        });
+        offer(&member.outbox, frame.into());
+    }
+}
+
+impl Handler<HistoryQuery> for RoomActor {
+    type Result = ResponseActFuture<Self, Result<HistoryPage, RoomError>>;
+
+    fn handle(&mut self, msg: HistoryQuery, _ctx: &mut Context<Self>) -> Self::Result {
+        let Some(log) = &self.log else {
+            return Box::pin(fut::ready(Err(RoomError::Restarting)));
+        };
+        let epoch = log.epoch;
+        let query = match msg.after {
+            Some(after) => RangeQuery {
+                from: (after + 1).max(log.first_retained),
+                to: log.durable,
+                limit: msg.limit,
+                take: Take::Oldest,
+            },
+            None => RangeQuery {
+                from: log.first_retained,
+                to: msg
+                    .before
+                    .map_or(log.durable, |b| b.saturating_sub(1).min(log.durable)),
+                limit: if msg.before == Some(0) { 0 } else { msg.limit },
+                take: Take::Newest,
+            },
+        };
+        Box::pin(
+            self.read(query)
+                .into_actor(self)
+                .map(move |messages, _, _| {
+                    Ok(HistoryPage {
+                        epoch,
+                        messages: messages?,
+                    })
+                }),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // The room is exercised end to end in tests/api (rooms, history, recovery).
+    use super::*;
+    use crate::protocol::ErrorCode;
+
+    #[test]
+    fn error_codes_map() {
+        assert_eq!(RoomError::NotJoined.code(), ErrorCode::NotJoined);
+        assert_eq!(RoomError::Restarting.code(), ErrorCode::Internal);
+    }
+}

@@ -1,0 +1,116 @@
+//! The messages a room actor accepts. Fields are named and documented; this
+//! is the whole session ↔ room interface.
+
+use crate::outbound::Outbound;
+use crate::protocol::{EncodedMessage, ErrorCode, SessionId, Since, UserId};
+use crate::storage::StoreError;
+use actix::{Message, Recipient};
+use bytestring::ByteString;
+use serde_json::value::RawValue;
+use tokio::sync::oneshot;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RoomError {
+    #[error("join the room first")]
+    NotJoined,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the room is restarting; try again")]
+    Restarting,
+}
+
+impl RoomError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RoomError::NotJoined => ErrorCode::NotJoined,
+            RoomError::Store(_) | RoomError::Restarting => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Adds a session to the room (or refreshes it if already there) and answers
+/// with the encoded `joined` frame, history included.
+#[derive(Message, Clone)]
+#[rtype(result = "Result<ByteString, RoomError>")]
+pub struct Join {
+    pub session: SessionId,
+    pub user: UserId,
+    pub outbox: Recipient<Outbound>,
+    /// Resume point: replay exactly what came after it, if still retained.
+    pub since: Option<Since>,
+    /// How many recent messages to replay without (a usable) `since`.
+    pub history: usize,
+    /// The client's `ref`, echoed in `joined`.
+    pub reference: Option<String>,
+}
+
+/// Removes a session (a `leave`, a closed connection or an eviction).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Leave {
+    pub session: SessionId,
+}
+
+/// Who to tell about a publish's outcome.
+pub enum PublishReply {
+    /// A WebSocket session: an `ack` (or `error`) frame echoing `reference`.
+    Session {
+        session: SessionId,
+        outbox: Recipient<Outbound>,
+        reference: Option<String>,
+    },
+    /// The HTTP API: the offset once durable.
+    Api(oneshot::Sender<Result<u64, RoomError>>),
+}
+
+/// Stores and fans out one message. Sessions must be members.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Publish {
+    /// The author shown in the message.
+    pub user: UserId,
+    pub data: Box<RawValue>,
+    /// Idempotency key: a repeat within the window is acked with the first offset.
+    pub key: Option<String>,
+    pub reply: PublishReply,
+}
+
+/// A member's typing indicator, relayed to the other users in the room.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Typing {
+    pub session: SessionId,
+    pub active: bool,
+}
+
+/// Asks for the `presence` frame, sent to the member's outbox.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PresenceQuery {
+    pub session: SessionId,
+    pub reference: Option<String>,
+}
+
+/// A page of history. `after` pages forward (the oldest `limit` messages after
+/// it); otherwise the newest `limit` below `before` (or overall).
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "Result<HistoryPage, RoomError>")]
+pub struct HistoryQuery {
+    pub after: Option<u64>,
+    pub before: Option<u64>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    pub epoch: u64,
+    pub messages: Vec<EncodedMessage>,
+}
+
+/// The store's verdict on the batch that ended with offset `upto` (internal).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Persisted {
+    pub upto: u64,
+    pub result: Result<(), StoreError>,
+}

@@ -1,0 +1,85 @@
+//! Wiring: opens the store, builds the shared state, binds the listener (port
+//! 0 works: [`Application::local_addr`] tells the port) and runs until the
+//! shutdown future resolves, then drains.
+
+use crate::config::Settings;
+use crate::http;
+use crate::metrics::Metrics;
+use crate::state::AppState;
+use crate::storage::{HistoryStore, SledStore};
+use actix_web::{dev::Server, web, App, HttpServer};
+use anyhow::Context as _;
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Application {
+    addr: SocketAddr,
+    server: Server,
+    state: web::Data<AppState>,
+    store: Arc<SledStore>,
+}
+
+impl Application {
+    pub fn build(settings: Settings) -> anyhow::Result<Application> {
+        let settings = Arc::new(settings);
+        let data_dir = &settings.storage.data_dir;
+        let store = Arc::new(
+            SledStore::open(data_dir, settings.storage.durability)
+                .with_context(|| format!("opening the store in {}", data_dir.display()))?,
+        );
+        let node_id = store
+            .node_id(settings.server.node_id.as_deref())
+            .context("reading the node id")?;
+        let state = web::Data::new(AppState::new(
+            settings.clone(),
+            node_id,
+            store.clone() as Arc<dyn HistoryStore>,
+            Metrics::new(),
+        ));
+        let listener = TcpListener::bind(settings.server.bind)
+            .with_context(|| format!("binding {}", settings.server.bind))?;
+        let addr = listener.local_addr()?;
+        let app_state = state.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(app_state.clone())
+                .configure(http::routes)
+        })
+        .listen(listener)?
+        // Signals are ours (see `shutdown`): actix would stop without draining.
+        .disable_signals()
+        .shutdown_timeout(1)
+        .run();
+        Ok(Application {
+            addr,
+            server,
+            state,
+            store,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.state.node_id
+    }
+
+    /// Serves until `shutdown` resolves, then drains and flushes.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let handle = self.server.handle();
+        let server = actix_web::rt::spawn(self.server);
+        shutdown.await;
+        crate::shutdown::drain_sessions(&self.state).await;
+        // Give the close frames a moment to leave before the workers stop.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        handle.stop(true).await;
+        let _ = server.await;
+        self.store.close().context("flushing the store")?;
+        tracing::info!("stopped cleanly");
+        Ok(())
+    }
+}

@@ -1,0 +1,143 @@
+//! Room history logs: the [`HistoryStore`] trait and its implementations.
+//!
+//! - [`sled_store::SledStore`] (the default): one sled database, written by a
+//!   single writer thread that group-commits (many rooms' appends share one
+//!   flush), so no actor ever waits on disk to write.
+//! - [`memory::MemoryStore`]: the same contract in memory, for benches and tests.
+//! - [`migrate`]: the store-format version and its upgrade steps (`migrations/`).
+//!
+//! Invariants every implementation keeps: a room's offsets are assigned by its
+//! room actor and appended in order; a room's epoch never changes once made;
+//! a batch's operations become visible together, and `done` runs only once the
+//! batch is as durable as the configured [`Durability`] demands.
+
+pub mod keys;
+pub mod memory;
+pub mod migrate;
+pub mod sled_store;
+
+use crate::config::Durability;
+use crate::protocol::{EncodedMessage, RoomName};
+use std::sync::Arc;
+
+pub use memory::MemoryStore;
+pub use sled_store::SledStore;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage I/O failed: {0}")]
+    Io(Arc<sled::Error>),
+    #[error("the store holds data it cannot read: {0}")]
+    Corrupt(String),
+    #[error("the store's format version {found} is newer than this binary supports ({supported}); run a newer roomhub")]
+    FormatTooNew { found: u32, supported: u32 },
+    #[error("the store is closed")]
+    Closed,
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Io(Arc::new(e))
+    }
+}
+
+/// A remembered idempotency key: the first offset published under it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DedupEntry {
+    pub key: String,
+    pub offset: u64,
+    pub ts: u64,
+}
+
+/// What a room actor needs to start serving: its log's state and newest messages.
+#[derive(Debug, Clone)]
+pub struct RoomSnapshot {
+    /// `None`: the room has no log yet; the caller makes an epoch and writes
+    /// [`WriteOp::CreateLog`].
+    pub epoch: Option<u64>,
+    /// The newest offset ever assigned (0 if none).
+    pub last_offset: u64,
+    /// The oldest retained offset (`last_offset + 1` when nothing is retained).
+    pub first_offset: u64,
+    /// Up to the requested number of newest messages, oldest first.
+    pub tail: Vec<EncodedMessage>,
+    pub keys: Vec<DedupEntry>,
+}
+
+/// One change to a room's log.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// Creates the log with its epoch (a room's first write).
+    CreateLog { epoch: u64 },
+    /// Appends the next message, remembering its idempotency key if any.
+    Append {
+        message: EncodedMessage,
+        key: Option<String>,
+    },
+    /// Deletes the messages with offsets in `from..to`.
+    Prune { from: u64, to: u64 },
+    /// Forgets idempotency keys whose window has passed.
+    ForgetKeys(Vec<String>),
+}
+
+/// Changes to one room, applied atomically and in submission order.
+#[derive(Debug, Clone)]
+pub struct WriteBatch {
+    pub room: RoomName,
+    pub epoch: u64,
+    pub ops: Vec<WriteOp>,
+}
+
+/// Called once when a batch is durable (or failed). Runs on the writer's
+/// thread, so it must only hand the result on (e.g. to an actor's mailbox).
+pub type WriteDone = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// Which way [`HistoryStore::read_range`] takes `limit` messages from a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    Oldest,
+    Newest,
+}
+
+/// A room history log. Reads block: callers run them on a blocking thread
+/// (`web::block`/`spawn_blocking`), never on an actor's thread. Writes never block.
+pub trait HistoryStore: Send + Sync + 'static {
+    fn load_room(&self, room: &RoomName, tail: usize) -> Result<RoomSnapshot, StoreError>;
+
+    /// Messages with offsets in `from..=to`, at most `limit` of them taken from
+    /// the oldest or newest end, returned oldest first.
+    fn read_range(
+        &self,
+        room: &RoomName,
+        from: u64,
+        to: u64,
+        limit: usize,
+        take: Take,
+    ) -> Result<Vec<EncodedMessage>, StoreError>;
+
+    /// The first offset at or after `from` whose message is at least `cutoff_ts`
+    /// (unix ms) old, or `last + 1` if none is: where a TTL prune stops.
+    fn first_unexpired(
+        &self,
+        room: &RoomName,
+        from: u64,
+        cutoff_ts: u64,
+    ) -> Result<u64, StoreError>;
+
+    /// Queues a batch; `done` runs once it is durable per [`Durability`].
+    fn write(&self, batch: WriteBatch, done: WriteDone);
+
+    /// Blocks until everything written so far is on disk.
+    fn flush(&self) -> Result<(), StoreError>;
+
+    /// This node's id, made on first use and kept with the data.
+    fn node_id(&self, wanted: Option<&str>) -> Result<String, StoreError>;
+
+    fn durability(&self) -> Durability;
+}
+
+/// A new epoch: random, nonzero and below 2^53 so JavaScript clients keep it exact.
+pub fn new_epoch() -> u64 {
+    use rand::Rng;
+    rand::thread_rng().gen_range(1..(1u64 << 53))
+}

@@ -1,0 +1,356 @@
+//! The sled implementation of [`HistoryStore`], with group commit.
+//!
+//! All writes go through one writer thread. It takes every batch that is
+//! waiting, applies them as one sled batch and, with `durability = sync`,
+//! flushes once for all of them before calling their `done`: under load many
+//! publishes share one fsync. With `batched` it calls `done` right after the
+//! apply and flushes when it has been idle or every [`BATCHED_FLUSH_EVERY`].
+
+use super::keys::{self, LOG_TREE, META_TREE, NODE_ID_KEY};
+use super::{
+    migrate, DedupEntry, HistoryStore, RoomSnapshot, StoreError, Take, WriteBatch, WriteDone,
+    WriteOp,
+};
+use crate::config::Durability;
+use crate::protocol::{EncodedMessage, RoomName};
+use parking_lot::Mutex;
+use serde_json::value::RawValue;
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How stale the disk may get with `durability = batched`.
+pub const BATCHED_FLUSH_EVERY: Duration = Duration::from_millis(10);
+
+/// The most batches one group commit takes, so `done` callbacks keep flowing
+/// under a flood.
+const MAX_GROUP: usize = 4096;
+
+enum Job {
+    Write(WriteBatch, WriteDone),
+    Flush(mpsc::SyncSender<Result<(), StoreError>>),
+}
+
+pub struct SledStore {
+    db: sled::Db,
+    log: sled::Tree,
+    durability: Durability,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the database in `dir` and upgrades its format.
+    pub fn open(dir: &Path, durability: Durability) -> Result<SledStore, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(256 * 1024 * 1024)
+            // The writer thread decides when to flush (see the module docs).
+            .flush_every_ms(None)
+            .open()?;
+        let from = migrate::migrate(&db)?;
+        if from != migrate::CURRENT_VERSION {
+            tracing::info!(
+                from,
+                to = migrate::CURRENT_VERSION,
+                "upgraded the store format"
+            );
+        }
+        let log = db.open_tree(LOG_TREE)?;
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            db: db.clone(),
+            log: log.clone(),
+            durability,
+        };
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::Corrupt(format!("cannot start the writer thread: {e}")))?;
+        Ok(SledStore {
+            db,
+            log,
+            durability,
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// Flushes, stops the writer thread and waits for it. Writes after this fail
+    /// with [`StoreError::Closed`].
+    pub fn close(&self) -> Result<(), StoreError> {
+        let result = self.flush();
+        self.jobs.lock().take();
+        if let Some(handle) = self.writer.lock().take() {
+            let _ = handle.join();
+        }
+        result
+    }
+
+    fn decode(&self, json: sled::IVec) -> Result<EncodedMessage, StoreError> {
+        let text =
+            String::from_utf8(json.to_vec()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let raw = RawValue::from_string(text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        EncodedMessage::from_json(raw).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+impl HistoryStore for SledStore {
+    fn load_room(&self, room: &RoomName, tail: usize) -> Result<RoomSnapshot, StoreError> {
+        let name = room.as_str().as_bytes();
+        let meta = self.log.get(keys::room_meta_key(name))?;
+        let (epoch, last_offset) = match meta {
+            Some(bytes) => {
+                let (epoch, last) = keys::unpair(&bytes)
+                    .ok_or_else(|| StoreError::Corrupt(format!("room {room}: bad log header")))?;
+                (Some(epoch), last)
+            }
+            None => (None, 0),
+        };
+        let prefix = keys::message_prefix(name);
+        let first_offset = match self.log.scan_prefix(&prefix).next() {
+            Some(entry) => keys::offset_of(&entry?.0).unwrap_or(last_offset + 1),
+            None => last_offset + 1,
+        };
+        let mut messages = Vec::with_capacity(tail.min(1024));
+        for entry in self.log.scan_prefix(&prefix).rev().take(tail) {
+            messages.push(self.decode(entry?.1)?);
+        }
+        messages.reverse();
+        let mut dedup = Vec::new();
+        let dedup_prefix = keys::dedup_prefix(name);
+        for entry in self.log.scan_prefix(&dedup_prefix) {
+            let (k, v) = entry?;
+            let key = String::from_utf8_lossy(&k[dedup_prefix.len()..]).into_owned();
+            if let Some((offset, ts)) = keys::unpair(&v) {
+                dedup.push(DedupEntry { key, offset, ts });
+            }
+        }
+        Ok(RoomSnapshot {
+            epoch,
+            last_offset,
+            first_offset,
+            tail: messages,
+            keys: dedup,
+        })
+    }
+
+    fn read_range(
+        &self,
+        room: &RoomName,
+        from: u64,
+        to: u64,
+        limit: usize,
+        take: Take,
+    ) -> Result<Vec<EncodedMessage>, StoreError> {
+        if from > to || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let name = room.as_str().as_bytes();
+        let range = self
+            .log
+            .range(keys::message_key(name, from)..=keys::message_key(name, to));
+        let mut out = Vec::new();
+        match take {
+            Take::Oldest => {
+                for entry in range.take(limit) {
+                    out.push(self.decode(entry?.1)?);
+                }
+            }
+            Take::Newest => {
+                for entry in range.rev().take(limit) {
+                    out.push(self.decode(entry?.1)?);
+                }
+                out.reverse();
+            }
+        }
+        Ok(out)
+    }
+
+    fn first_unexpired(
+        &self,
+        room: &RoomName,
+        from: u64,
+        cutoff_ts: u64,
+    ) -> Result<u64, StoreError> {
+        let name = room.as_str().as_bytes();
+        let mut next = from;
+        for entry in self
+            .log
+            .range(keys::message_key(name, from)..=keys::message_key(name, u64::MAX))
+        {
+            let message = self.decode(entry?.1)?;
+            if message.ts >= cutoff_ts {
+                return Ok(message.offset);
+            }
+            next = message.offset + 1;
+        }
+        Ok(next)
+    }
+
+    fn write(&self, batch: WriteBatch, done: WriteDone) {
+        let sent = match self.jobs.lock().as_ref() {
+            Some(tx) => tx.send(Job::Write(batch, done)).map_err(|e| e.0),
+            None => Err(Job::Write(batch, done)),
+        };
+        if let Err(Job::Write(_, done)) = sent {
+            done(Err(StoreError::Closed));
+        }
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let sent = match self.jobs.lock().as_ref() {
+            Some(jobs) => jobs.send(Job::Flush(tx)).is_ok(),
+            None => false,
+        };
+        if !sent {
+            // The writer is gone: flush what sled holds ourselves.
+            self.db.flush()?;
+            return Ok(());
+        }
+        rx.recv().unwrap_or(Err(StoreError::Closed))
+    }
+
+    fn node_id(&self, wanted: Option<&str>) -> Result<String, StoreError> {
+        let meta = self.db.open_tree(META_TREE)?;
+        if let Some(id) = wanted {
+            meta.insert(NODE_ID_KEY, id.as_bytes())?;
+            return Ok(id.to_owned());
+        }
+        if let Some(id) = meta.get(NODE_ID_KEY)? {
+            return Ok(String::from_utf8_lossy(&id).into_owned());
+        }
+        let id = format!("node-{:08x}", rand::random::<u32>());
+        meta.insert(NODE_ID_KEY, id.as_bytes())?;
+        self.db.flush()?;
+        Ok(id)
+    }
+
+    fn durability(&self) -> Durability {
+        self.durability
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    db: sled::Db,
+    log: sled::Tree,
+    durability: Durability,
+}
+
+impl Writer {
+    fn run(self, jobs: mpsc::Receiver<Job>) {
+        let mut dirty_since: Option<Instant> = None;
+        loop {
+            let first = match dirty_since {
+                Some(since) => {
+                    let wait = BATCHED_FLUSH_EVERY.saturating_sub(since.elapsed());
+                    match jobs.recv_timeout(wait) {
+                        Ok(job) => job,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            self.flush_logged();
+                            dirty_since = None;
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                None => match jobs.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+            };
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match jobs.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
+                }
+            }
+            let mut batch = sled::Batch::default();
+            let mut done = Vec::with_capacity(group.len());
+            let mut flush_waiters = Vec::new();
+            for job in group {
+                match job {
+                    Job::Write(write, callback) => {
+                        add_to_batch(&mut batch, write);
+                        done.push(callback);
+                    }
+                    Job::Flush(waiter) => flush_waiters.push(waiter),
+                }
+            }
+            let mut result = self.log.apply_batch(batch).map_err(StoreError::from);
+            let must_flush = self.durability == Durability::Sync || !flush_waiters.is_empty();
+            if result.is_ok() {
+                if must_flush {
+                    result = self.db.flush().map(|_| ()).map_err(StoreError::from);
+                    dirty_since = None;
+                } else if dirty_since.is_none() {
+                    dirty_since = Some(Instant::now());
+                }
+            }
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "store write failed");
+            }
+            for callback in done {
+                callback(result.clone());
+            }
+            for waiter in flush_waiters {
+                let _ = waiter.send(result.clone());
+            }
+        }
+        self.flush_logged();
+    }
+
+    fn flush_logged(&self) {
+        if let Err(e) = self.db.flush() {
+            tracing::error!(error = %e, "store flush failed");
+        }
+    }
+}
+
+fn add_to_batch(batch: &mut sled::Batch, write: WriteBatch) {
+    let room = write.room.as_str().as_bytes();
+    let mut last_appended = None;
+    for op in write.ops {
+        match op {
+            WriteOp::CreateLog { epoch } => {
+                batch.insert(keys::room_meta_key(room), &keys::pair(epoch, 0))
+            }
+            WriteOp::Append { message, key } => {
+                if let Some(key) = key {
+                    batch.insert(
+                        keys::dedup_key(room, &key),
+                        &keys::pair(message.offset, message.ts),
+                    );
+                }
+                batch.insert(
+                    keys::message_key(room, message.offset),
+                    message.as_str().as_bytes(),
+                );
+                last_appended = Some(message.offset);
+            }
+            WriteOp::Prune { from, to } => {
+                for offset in from..to {
+                    batch.remove(keys::message_key(room, offset));
+                }
+            }
+            WriteOp::ForgetKeys(keys_to_forget) => {
+                for key in keys_to_forget {
+                    batch.remove(keys::dedup_key(room, &key));
+                }
+            }
+        }
+    }
+    if let Some(last) = last_appended {
+        batch.insert(keys::room_meta_key(room), &keys::pair(write.epoch, last));
+    }
+}

@@ -1,0 +1,174 @@
+//! Durability: restarts, kill -9, the drain, store-format upgrades.
+
+use crate::helpers::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn history_and_epoch_survive_a_restart() {
+    let mut app = TestApp::spawn().await;
+    let mut c = app.connect("user=alice").await;
+    let epoch = c.join("keep").await["epoch"].clone();
+    for i in 0..10 {
+        c.publish("keep", json!(i)).await;
+    }
+    let dedup = c
+        .request(json!({"type": "publish", "room": "keep", "data": "k", "key": "once"}))
+        .await;
+    assert_eq!(dedup["offset"], 11);
+    drop(c);
+    assert!(app.terminate().success());
+    app.restart();
+    let mut c = app.connect("user=alice").await;
+    let joined = c
+        .request(json!({"type": "join", "room": "keep", "since": {"epoch": epoch, "offset": 4}}))
+        .await;
+    assert_eq!(joined["epoch"], epoch, "the epoch is kept across restarts");
+    assert_eq!(joined["recovered"], true);
+    assert_eq!(offsets(&joined["history"]), (5..=11).collect::<Vec<_>>());
+    // The idempotency key is remembered across the restart.
+    let retry = c
+        .request(json!({"type": "publish", "room": "keep", "data": "k", "key": "once"}))
+        .await;
+    assert_eq!(retry["offset"], 11);
+    assert_eq!(
+        c.publish("keep", json!("next")).await,
+        12,
+        "offsets continue"
+    );
+}
+
+#[tokio::test]
+async fn kill_9_right_after_acks_loses_no_acked_message() {
+    let mut app = TestApp::spawn_with(&[
+        ("ROOMHUB_STORAGE__DURABILITY", "sync"),
+        ("ROOMHUB_LIMITS__PUBLISH_PER_SEC", "100000"),
+        ("ROOMHUB_LIMITS__PUBLISH_BURST", "100000"),
+    ])
+    .await;
+    let mut c = app.connect("user=alice").await;
+    c.join("durable").await;
+    const N: u64 = 300;
+    for i in 0..N {
+        c.send(json!({"type": "publish", "room": "durable", "data": i, "ref": format!("{i}")}))
+            .await;
+    }
+    let mut acked = 0;
+    while acked < N {
+        if c.next().await["type"] == "ack" {
+            acked += 1;
+        }
+    }
+    app.kill9();
+    app.restart();
+    let (status, page) = app
+        .get_json("/api/rooms/durable/messages?since=0&limit=200")
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(offsets(&page["messages"]), (1..=200).collect::<Vec<_>>());
+    let (_, page) = app
+        .get_json("/api/rooms/durable/messages?since=200&limit=200")
+        .await;
+    assert_eq!(offsets(&page["messages"]), (201..=N).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn sigterm_drains_sessions_then_exits_0() {
+    let mut app = TestApp::spawn().await;
+    let mut c = app.connect("user=alice").await;
+    c.join("drain").await;
+    unsafe { libc::kill(app_pid(&app), libc::SIGTERM) };
+    assert_eq!(
+        c.next().await,
+        json!({"type": "shutdown", "reason": "draining", "reconnect": true})
+    );
+    assert_eq!(c.closed().await, 1001);
+    assert!(app.wait_exit().success());
+}
+
+fn app_pid(app: &TestApp) -> i32 {
+    app.pid() as i32
+}
+
+#[tokio::test]
+async fn a_version_1_store_is_upgraded_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    {
+        // Written exactly as format v1 laid it out (migrations/v1_initial.md).
+        let db = sled::open(&data).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("format_version", &1u32.to_be_bytes()[..])
+            .unwrap();
+        let epoch: u64 = 4242;
+        let mut header = epoch.to_be_bytes().to_vec();
+        header.extend_from_slice(&3u64.to_be_bytes());
+        db.open_tree("rooms")
+            .unwrap()
+            .insert("old-room", header)
+            .unwrap();
+        let room = db.open_tree("room/old-room").unwrap();
+        for offset in 1..=3u64 {
+            let json = json!({"type": "message", "room": "old-room", "offset": offset, "id": format!("m{offset}"),
+                              "user": "alice", "data": {"n": offset}, "ts": 1_700_000_000_000u64 + offset});
+            room.insert(offset.to_be_bytes(), json.to_string().as_bytes())
+                .unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let data_dir = data.to_str().unwrap();
+    let app = TestApp::spawn_with(&[("ROOMHUB_STORAGE__DATA_DIR", data_dir)]).await;
+    let mut c = app.connect("user=bob").await;
+    let joined = c
+        .request(json!({"type": "join", "room": "old-room", "since": {"epoch": 4242, "offset": 1}}))
+        .await;
+    assert_eq!(joined["recovered"], true);
+    assert_eq!(joined["epoch"], 4242);
+    assert_eq!(offsets(&joined["history"]), vec![2, 3]);
+    assert_eq!(joined["history"][0]["data"], json!({"n": 2}));
+    assert_eq!(c.publish("old-room", json!("new")).await, 4);
+    assert!(app
+        .log
+        .lock()
+        .unwrap()
+        .contains("upgraded the store format"));
+    drop(c);
+    drop(app);
+    let db = sled::open(&data).unwrap();
+    let version = db
+        .open_tree("meta")
+        .unwrap()
+        .get("format_version")
+        .unwrap()
+        .unwrap();
+    assert_eq!(version.as_ref(), &2u32.to_be_bytes());
+    assert!(
+        !db.tree_names()
+            .iter()
+            .any(|n| n.as_ref() == b"room/old-room"),
+        "v1 trees are gone"
+    );
+}
+
+#[tokio::test]
+async fn a_store_from_a_newer_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    {
+        let db = sled::open(&data).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("format_version", &99u32.to_be_bytes()[..])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let out = std::process::Command::new(bin())
+        .current_dir(dir.path())
+        .env("ROOMHUB_SERVER__BIND", "127.0.0.1:0")
+        .env("ROOMHUB_STORAGE__DATA_DIR", &data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("format version 99"), "{stderr}");
+}

@@ -1,0 +1,137 @@
+//! One conformance suite for every `HistoryStore` implementation.
+
+use roomhub::config::Durability;
+use roomhub::protocol::server::MessageTag;
+use roomhub::protocol::{EncodedMessage, Message, RoomName, UserId};
+use roomhub::storage::{HistoryStore, MemoryStore, SledStore, Take, WriteBatch, WriteOp};
+use serde_json::value::RawValue;
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn message(room: &RoomName, offset: u64, ts: u64) -> EncodedMessage {
+    let user = UserId::parse("u").unwrap();
+    let data = RawValue::from_string(format!("{{\"n\":{offset}}}")).unwrap();
+    Message {
+        kind: MessageTag,
+        room,
+        offset,
+        id: "id",
+        user: &user,
+        data: &data,
+        ts,
+    }
+    .encode()
+}
+
+fn write(store: &dyn HistoryStore, room: &RoomName, epoch: u64, ops: Vec<WriteOp>) {
+    let (tx, rx) = mpsc::channel();
+    store.write(
+        WriteBatch {
+            room: room.clone(),
+            epoch,
+            ops,
+        },
+        Box::new(move |r| tx.send(r).unwrap()),
+    );
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("done is called")
+        .expect("write succeeds");
+}
+
+fn offsets(messages: &[EncodedMessage]) -> Vec<u64> {
+    messages.iter().map(|m| m.offset).collect()
+}
+
+fn conformance(store: &dyn HistoryStore) {
+    let room = RoomName::parse("conf").unwrap();
+    let fresh = store.load_room(&room, 10).unwrap();
+    assert_eq!(
+        (fresh.epoch, fresh.last_offset, fresh.first_offset),
+        (None, 0, 1)
+    );
+    write(store, &room, 77, vec![WriteOp::CreateLog { epoch: 77 }]);
+    let ops = (1..=20)
+        .map(|o| WriteOp::Append {
+            message: message(&room, o, 1000 + o),
+            key: (o == 5).then(|| "k5".to_string()),
+        })
+        .collect();
+    write(store, &room, 77, ops);
+    let snap = store.load_room(&room, 3).unwrap();
+    assert_eq!(
+        (snap.epoch, snap.last_offset, snap.first_offset),
+        (Some(77), 20, 1)
+    );
+    assert_eq!(offsets(&snap.tail), vec![18, 19, 20]);
+    assert_eq!(snap.keys.len(), 1);
+    assert_eq!(
+        (
+            snap.keys[0].key.as_str(),
+            snap.keys[0].offset,
+            snap.keys[0].ts
+        ),
+        ("k5", 5, 1005)
+    );
+    assert_eq!(
+        offsets(&store.read_range(&room, 3, 9, 3, Take::Oldest).unwrap()),
+        vec![3, 4, 5]
+    );
+    assert_eq!(
+        offsets(&store.read_range(&room, 3, 9, 3, Take::Newest).unwrap()),
+        vec![7, 8, 9]
+    );
+    assert!(store
+        .read_range(&room, 9, 3, 3, Take::Newest)
+        .unwrap()
+        .is_empty());
+    let m = &store.read_range(&room, 4, 4, 1, Take::Oldest).unwrap()[0];
+    assert!(m.as_str().contains(r#""data":{"n":4}"#));
+    assert_eq!(store.first_unexpired(&room, 1, 1010).unwrap(), 10);
+    assert_eq!(store.first_unexpired(&room, 1, 99999).unwrap(), 21);
+    write(
+        store,
+        &room,
+        77,
+        vec![
+            WriteOp::Prune { from: 1, to: 10 },
+            WriteOp::ForgetKeys(vec!["k5".into()]),
+        ],
+    );
+    let snap = store.load_room(&room, 100).unwrap();
+    assert_eq!((snap.first_offset, snap.last_offset), (10, 20));
+    assert_eq!(snap.tail.len(), 11);
+    assert!(snap.keys.is_empty());
+    // Rooms do not see each other, even when one name extends the other.
+    let other = RoomName::parse("conf2").unwrap();
+    assert_eq!(store.load_room(&other, 10).unwrap().epoch, None);
+    store.flush().unwrap();
+    let id = store.node_id(None).unwrap();
+    assert_eq!(store.node_id(None).unwrap(), id, "the node id is kept");
+}
+
+#[test]
+fn memory_store_conforms() {
+    conformance(&MemoryStore::new());
+}
+
+#[test]
+fn sled_store_conforms_and_keeps_data_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    for durability in [Durability::Sync, Durability::Batched] {
+        let path = dir.path().join(format!("{durability:?}"));
+        let store = SledStore::open(&path, durability).unwrap();
+        conformance(&store);
+        let id = store.node_id(None).unwrap();
+        store.close().unwrap();
+        drop(store);
+        let store = SledStore::open(&path, durability).unwrap();
+        let snap = store
+            .load_room(&RoomName::parse("conf").unwrap(), 100)
+            .unwrap();
+        assert_eq!(
+            (snap.epoch, snap.first_offset, snap.last_offset),
+            (Some(77), 10, 20)
+        );
+        assert_eq!(store.node_id(None).unwrap(), id);
+    }
+}
