@@ -176,3 +176,11 @@ fn help_and_version() {
     assert!(out.status.success());
     assert!(text(&out).contains("check-config") && text(&out).contains("--config"));
 }
+
+#[test]
+fn the_example_config_lists_valid_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml");
+    let out = roomhub(dir.path(), &["check-config", "--config", example], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+}

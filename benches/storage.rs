@@ -1,0 +1,67 @@
+//! Storage append throughput: how many single-message batches per second the
+//! sled store makes durable, with `sync` (group commit, one fsync shared by
+//! every waiting batch) and `batched` (ack on write). Each iteration submits
+//! a window of batches at once, as concurrent publishers would, and waits for
+//! every `done`.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use roomhub::config::Durability;
+use roomhub::protocol::server::MessageTag;
+use roomhub::protocol::{Message, RoomName, UserId};
+use roomhub::storage::{HistoryStore, SledStore, WriteBatch, WriteOp};
+use serde_json::value::RawValue;
+use std::sync::mpsc;
+
+fn append(c: &mut Criterion) {
+    let room = RoomName::parse("bench").unwrap();
+    let user = UserId::parse("u").unwrap();
+    let data = RawValue::from_string(format!("\"{}\"", "x".repeat(100))).unwrap();
+    let mut group = c.benchmark_group("storage_append");
+    for durability in [Durability::Sync, Durability::Batched] {
+        for window in [1u64, 64] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SledStore::open(dir.path(), durability).unwrap();
+            let mut offset = 0u64;
+            group.throughput(Throughput::Elements(window));
+            let id = BenchmarkId::new(
+                format!("{durability:?}").to_lowercase(),
+                format!("in_flight_{window}"),
+            );
+            group.bench_function(id, |b| {
+                b.iter(|| {
+                    let (tx, rx) = mpsc::channel();
+                    for _ in 0..window {
+                        offset += 1;
+                        let message = Message {
+                            kind: MessageTag,
+                            room: &room,
+                            offset,
+                            id: "id",
+                            user: &user,
+                            data: &data,
+                            ts: 0,
+                        }
+                        .encode();
+                        let tx = tx.clone();
+                        store.write(
+                            WriteBatch {
+                                room: room.clone(),
+                                epoch: 1,
+                                ops: vec![WriteOp::Append { message, key: None }],
+                            },
+                            Box::new(move |r| tx.send(r).unwrap()),
+                        );
+                    }
+                    for _ in 0..window {
+                        rx.recv().unwrap().unwrap();
+                    }
+                })
+            });
+            store.close().unwrap();
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, append);
+criterion_main!(benches);
