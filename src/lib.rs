@@ -16,9 +16,11 @@
 //!
 //! Absent on purpose: sessions never touch the store; rooms never touch sockets.
 
+pub mod auth;
 pub mod config;
 pub mod directory;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod outbound;
 pub mod protocol;

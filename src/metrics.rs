@@ -13,6 +13,11 @@ pub struct Metrics {
     pub messages_delivered: IntCounter,
     pub direct_messages: IntCounter,
     pub slow_consumer_disconnects: IntCounter,
+    pub rate_limited: IntCounter,
+    pub abuse_disconnects: IntCounter,
+    pub heartbeat_timeouts: IntCounter,
+    pub token_expiries: IntCounter,
+    rejected_upgrades: IntCounterVec,
     errors: IntCounterVec,
 }
 
@@ -45,6 +50,17 @@ impl Metrics {
         for code in ErrorCode::ALL {
             errors.with_label_values(&[code.as_str()]);
         }
+        let rejected_upgrades = IntCounterVec::new(
+            Opts::new(
+                "roomhub_rejected_upgrades_total",
+                "WebSocket upgrades refused before the upgrade, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(rejected_upgrades.clone()))
+            .expect("unique metric");
         Self {
             connections: gauge("roomhub_connections", "open WebSocket connections"),
             rooms: gauge("roomhub_rooms", "room actors alive on this node"),
@@ -64,6 +80,23 @@ impl Metrics {
                 "roomhub_slow_consumer_disconnects_total",
                 "sessions closed with 1013 because they could not keep up",
             ),
+            rate_limited: counter(
+                "roomhub_rate_limited_total",
+                "frames refused with rate_limited",
+            ),
+            abuse_disconnects: counter(
+                "roomhub_abuse_disconnects_total",
+                "sessions closed with 1008 after sustained abuse",
+            ),
+            heartbeat_timeouts: counter(
+                "roomhub_heartbeat_timeouts_total",
+                "sessions closed because the peer went silent",
+            ),
+            token_expiries: counter(
+                "roomhub_token_expiries_total",
+                "sessions closed with 1008 because their token expired",
+            ),
+            rejected_upgrades,
             errors,
             registry,
         }
@@ -71,6 +104,11 @@ impl Metrics {
 
     pub fn error(&self, code: ErrorCode) {
         self.errors.with_label_values(&[code.as_str()]).inc();
+    }
+
+    /// Counts an upgrade refused with `reason` (e.g. `rate_limited`, `unauthorized`).
+    pub fn rejected_upgrade(&self, reason: &str) {
+        self.rejected_upgrades.with_label_values(&[reason]).inc();
     }
 
     /// The Prometheus text exposition of every metric.

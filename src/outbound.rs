@@ -50,6 +50,7 @@ pub fn error_frame(
     reference: Option<&str>,
     code: crate::protocol::ErrorCode,
     message: &str,
+    retry_after_ms: Option<u64>,
 ) -> ByteString {
     metrics.error(code);
     ByteString::from(crate::protocol::encode(
@@ -57,7 +58,7 @@ pub fn error_frame(
             reference,
             code,
             message,
-            retry_after_ms: None,
+            retry_after_ms,
         },
     ))
 }

@@ -72,10 +72,21 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let handle = self.server.handle();
         let server = actix_web::rt::spawn(self.server);
+        // Forget idle per-IP handshake buckets so many distinct addresses
+        // cannot grow memory without bound.
+        let state = self.state.clone();
+        let sweeper = actix_web::rt::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                every.tick().await;
+                state.ip_limits.sweep();
+            }
+        });
         shutdown.await;
         crate::shutdown::drain_sessions(&self.state).await;
         // Give the close frames a moment to leave before the workers stop.
         tokio::time::sleep(Duration::from_millis(50)).await;
+        sweeper.abort();
         handle.stop(true).await;
         let _ = server.await;
         self.store.close().context("flushing the store")?;

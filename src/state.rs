@@ -1,11 +1,13 @@
 //! The state every request handler and session shares.
 
+use crate::auth::Authenticator;
 use crate::config::Settings;
 use crate::directory::SessionDirectory;
+use crate::limits::IpLimits;
 use crate::metrics::Metrics;
 use crate::room::RoomRegistry;
 use crate::storage::HistoryStore;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,8 +18,21 @@ pub struct AppState {
     pub directory: Arc<SessionDirectory>,
     pub metrics: Metrics,
     pub store: Arc<dyn HistoryStore>,
+    pub auth: Authenticator,
+    pub ip_limits: IpLimits,
     pub started: Instant,
     draining: AtomicBool,
+    open_sockets: Arc<AtomicUsize>,
+}
+
+/// Counts one upgraded socket until its response body is dropped, i.e. until
+/// the HTTP layer is done with the connection (not merely the actor).
+pub struct SocketGuard(Arc<AtomicUsize>);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl AppState {
@@ -33,6 +48,8 @@ impl AppState {
             metrics: metrics.clone(),
         });
         Self {
+            auth: Authenticator::new(&settings.auth),
+            ip_limits: IpLimits::new(&settings.limits),
             settings,
             node_id,
             registry,
@@ -41,6 +58,7 @@ impl AppState {
             store,
             started: Instant::now(),
             draining: AtomicBool::new(false),
+            open_sockets: Arc::default(),
         }
     }
 
@@ -50,5 +68,15 @@ impl AppState {
 
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn socket_opened(&self) -> SocketGuard {
+        self.open_sockets.fetch_add(1, Ordering::SeqCst);
+        SocketGuard(self.open_sockets.clone())
+    }
+
+    /// Upgraded connections whose bytes the HTTP layer still handles.
+    pub fn open_sockets(&self) -> usize {
+        self.open_sockets.load(Ordering::SeqCst)
     }
 }

@@ -201,11 +201,8 @@ impl RoomActor {
             }
             match offer(&member.outbox, frame.clone()) {
                 Offer::Delivered => delivered += 1,
-                Offer::Evicted => {
-                    self.context.metrics.slow_consumer_disconnects.inc();
-                    lost.push(id);
-                }
-                Offer::Gone => lost.push(id),
+                // An evicted session counts itself as a slow consumer when it closes.
+                Offer::Evicted | Offer::Gone => lost.push(id),
             }
         }
         for id in lost {
@@ -329,6 +326,7 @@ impl RoomActor {
                     reference.as_deref(),
                     error.code(),
                     &error.to_string(),
+                    None,
                 );
                 offer(&outbox, frame);
             }

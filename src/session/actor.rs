@@ -1,6 +1,9 @@
 //! The session actor. Rooms reach it only through [`Outbound`] messages; it
 //! reaches rooms only through the messages in `crate::room::messages`.
 
+use super::ledger::OutboundLedger;
+use crate::auth::Identity;
+use crate::limits::{ConnectionPermit, FrameLimiter};
 use crate::outbound::{error_frame, Outbound};
 use crate::protocol::{
     decode, encode, ClientFrame, CloseCode, ErrorCode, RoomName, ServerFrame, SessionId, Since,
@@ -33,7 +36,16 @@ enum Fragments {
 pub struct WsSession {
     id: SessionId,
     user: UserId,
+    identity: Identity,
     state: Arc<AppState>,
+    /// publish + typing + direct.
+    publish_limiter: FrameLimiter,
+    /// Rejected frames; running out closes the connection with 1008.
+    abuse: FrameLimiter,
+    ledger: OutboundLedger,
+    /// This connection's slot in its IP's count, freed when the session ends.
+    _permit: Option<ConnectionPermit>,
+    closing: bool,
     peer: Option<SocketAddr>,
     /// Joined rooms (the room actors hold the authoritative membership).
     rooms: HashMap<RoomName, Addr<RoomActor>>,
@@ -47,13 +59,21 @@ pub struct WsSession {
 impl WsSession {
     pub fn new(
         state: Arc<AppState>,
-        user: UserId,
+        identity: Identity,
         auto_join: Option<RoomName>,
         peer: Option<SocketAddr>,
+        permit: Option<ConnectionPermit>,
     ) -> Self {
+        let limits = &state.settings.limits;
         Self {
             id: SessionId::random(),
-            user,
+            user: identity.user.clone(),
+            identity,
+            publish_limiter: FrameLimiter::publishes(limits),
+            abuse: FrameLimiter::abuse(),
+            ledger: OutboundLedger::new(limits.outbound_queue),
+            _permit: permit,
+            closing: false,
             state,
             peer,
             rooms: HashMap::new(),
@@ -68,27 +88,102 @@ impl WsSession {
         self.state.settings.limits.max_frame_bytes
     }
 
+    /// The counter the response body advances (see [`OutboundLedger`]).
+    pub fn outbound_counter(&self) -> std::rc::Rc<std::cell::Cell<u64>> {
+        self.ledger.counter()
+    }
+
     fn outbox(ctx: &mut ws::WebsocketContext<Self>) -> Recipient<Outbound> {
         ctx.address().recipient()
     }
 
+    /// The one way this session writes a frame: through the bounded ledger.
+    fn write(&mut self, ctx: &mut ws::WebsocketContext<Self>, frame: impl Into<ByteString>) {
+        if self.closing {
+            return;
+        }
+        let frame = frame.into();
+        if self.ledger.try_push(frame.len()) {
+            ctx.text(frame);
+        } else {
+            self.close(ctx, CloseCode::TooSlow);
+        }
+    }
+
+    /// Reports a client error; too many of them in a short window close the
+    /// connection with 1008.
     fn send_error(
-        &self,
+        &mut self,
         ctx: &mut ws::WebsocketContext<Self>,
         reference: Option<&str>,
         code: ErrorCode,
         message: &str,
     ) {
-        ctx.text(error_frame(&self.state.metrics, reference, code, message));
+        self.send_error_after(ctx, reference, code, message, None);
+    }
+
+    fn send_error_after(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        reference: Option<&str>,
+        code: ErrorCode,
+        message: &str,
+        retry_after_ms: Option<u64>,
+    ) {
+        let frame = error_frame(
+            &self.state.metrics,
+            reference,
+            code,
+            message,
+            retry_after_ms,
+        );
+        self.write(ctx, frame);
+        let client_fault = !matches!(code, ErrorCode::Internal | ErrorCode::Unavailable);
+        if client_fault && self.abuse.check().is_err() {
+            self.state.metrics.abuse_disconnects.inc();
+            tracing::warn!(session = %self.id, user = %self.user, "closing an abusive session");
+            self.close(ctx, CloseCode::Policy);
+        }
     }
 
     fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: CloseCode) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
         self.close_reason = code.reason();
+        if code == CloseCode::TooSlow {
+            self.state.metrics.slow_consumer_disconnects.inc();
+        }
+        self.ledger.record(2 + code.reason().len());
         ctx.close(Some(ws::CloseReason {
             code: ws::CloseCode::from(code.code()),
             description: Some(code.reason().into()),
         }));
         ctx.stop();
+    }
+
+    /// Takes a token for publish, typing or direct; else tells the client when to retry.
+    fn within_rate(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        reference: Option<&str>,
+    ) -> bool {
+        match self.publish_limiter.check() {
+            Ok(()) => true,
+            Err(wait) => {
+                self.state.metrics.rate_limited.inc();
+                let retry = (wait.as_millis() as u64).max(1);
+                self.send_error_after(
+                    ctx,
+                    reference,
+                    ErrorCode::RateLimited,
+                    "slow down",
+                    Some(retry),
+                );
+                false
+            }
+        }
     }
 
     fn on_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
@@ -122,7 +217,7 @@ impl WsSession {
                 None => self.send_error(ctx, r, ErrorCode::NotJoined, "not in this room"),
             },
             ClientFrame::Publish { room, data, key } => {
-                if !self.data_fits(&data, r, ctx) {
+                if !self.data_fits(&data, r, ctx) || !self.within_rate(ctx, r) {
                     return;
                 }
                 let Some(addr) = self.joined(&room, r, ctx) else {
@@ -143,6 +238,9 @@ impl WsSession {
                 let Some(addr) = self.joined(&room, r, ctx) else {
                     return;
                 };
+                if !self.within_rate(ctx, r) {
+                    return;
+                }
                 addr.do_send(Typing {
                     session: self.id,
                     active,
@@ -166,7 +264,7 @@ impl WsSession {
                 limit,
             } => self.history(room, before, limit, reference, ctx),
             ClientFrame::Direct { to, data } => {
-                if !self.data_fits(&data, r, ctx) {
+                if !self.data_fits(&data, r, ctx) || !self.within_rate(ctx, r) {
                     return;
                 }
                 let frame = ByteString::from(encode(&ServerFrame::Direct {
@@ -178,19 +276,20 @@ impl WsSession {
                 self.state.metrics.direct_messages.inc_by(delivered as u64);
                 self.ack(ctx, r);
             }
-            ClientFrame::Ping => ctx.text(encode(&ServerFrame::Pong { reference: r })),
+            ClientFrame::Ping => self.write(ctx, encode(&ServerFrame::Pong { reference: r })),
         }
     }
 
-    fn ack(&self, ctx: &mut ws::WebsocketContext<Self>, reference: Option<&str>) {
-        ctx.text(encode(&ServerFrame::Ack {
+    fn ack(&mut self, ctx: &mut ws::WebsocketContext<Self>, reference: Option<&str>) {
+        let frame = encode(&ServerFrame::Ack {
             reference,
             offset: None,
-        }));
+        });
+        self.write(ctx, frame);
     }
 
     fn data_fits(
-        &self,
+        &mut self,
         data: &RawValue,
         r: Option<&str>,
         ctx: &mut ws::WebsocketContext<Self>,
@@ -210,7 +309,7 @@ impl WsSession {
 
     /// The room's actor if this session has joined it; else tells the client.
     fn joined(
-        &self,
+        &mut self,
         room: &RoomName,
         r: Option<&str>,
         ctx: &mut ws::WebsocketContext<Self>,
@@ -230,6 +329,14 @@ impl WsSession {
         reference: Option<String>,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
+        if !self.identity.may_join(&room) {
+            return self.send_error(
+                ctx,
+                reference.as_deref(),
+                ErrorCode::Forbidden,
+                "your token does not allow this room",
+            );
+        }
         let limit = self.state.settings.limits.max_rooms_per_connection;
         if !self.rooms.contains_key(&room) && self.rooms.len() >= limit {
             let message = format!("at most {limit} rooms per connection");
@@ -263,7 +370,7 @@ impl WsSession {
                 |(room, addr, reference, result), act, ctx| match result {
                     Ok(joined) => {
                         act.rooms.insert(room, addr);
-                        ctx.text(joined);
+                        act.write(ctx, joined);
                     }
                     Err(e) => act.send_error(ctx, reference.as_deref(), e.code(), &e.to_string()),
                 },
@@ -279,6 +386,14 @@ impl WsSession {
         reference: Option<String>,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
+        if !self.identity.may_join(&room) {
+            return self.send_error(
+                ctx,
+                reference.as_deref(),
+                ErrorCode::Forbidden,
+                "your token does not allow this room",
+            );
+        }
         let addr = match self.rooms.get(&room) {
             Some(addr) => addr.clone(),
             None => self.state.registry.get_or_start(&room),
@@ -294,11 +409,14 @@ impl WsSession {
                 .map(move |result, act, ctx| {
                     let r = reference.as_deref();
                     match result {
-                        Ok(Ok(page)) => ctx.text(encode(&ServerFrame::History {
-                            reference: r,
-                            room: &room,
-                            messages: &page.messages,
-                        })),
+                        Ok(Ok(page)) => {
+                            let frame = encode(&ServerFrame::History {
+                                reference: r,
+                                room: &room,
+                                messages: &page.messages,
+                            });
+                            act.write(ctx, frame)
+                        }
                         Ok(Err(e)) => act.send_error(ctx, r, e.code(), &e.to_string()),
                         Err(_) => act.send_error(
                             ctx,
@@ -314,9 +432,12 @@ impl WsSession {
     fn heartbeat(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
         let timeout = Duration::from_millis(self.state.settings.heartbeat.timeout_ms);
         if self.last_heard.elapsed() > timeout {
+            self.state.metrics.heartbeat_timeouts.inc();
             self.close_reason = "heartbeat timeout";
+            self.closing = true;
             ctx.stop();
-        } else {
+        } else if !self.closing {
+            self.ledger.record(0);
             ctx.ping(b"");
         }
     }
@@ -335,13 +456,22 @@ impl Actor for WsSession {
             .register(&self.user, self.id, Self::outbox(ctx));
         tracing::info!(session = %self.id, user = %self.user, peer = ?self.peer, "connection opened");
         let session = self.id.to_string();
-        ctx.text(encode(&ServerFrame::Welcome {
+        let welcome = encode(&ServerFrame::Welcome {
             session: &session,
             user: &self.user,
             node: &self.state.node_id,
             heartbeat_ms: self.state.settings.heartbeat.interval_ms,
             protocol: PROTOCOL_VERSION,
-        }));
+        });
+        self.write(ctx, welcome);
+        if let Some(expires_at) = self.identity.expires_at {
+            let left = (expires_at * 1000).saturating_sub(crate::room::actor::now_ms());
+            ctx.run_later(Duration::from_millis(left), |act, ctx| {
+                act.state.metrics.token_expiries.inc();
+                act.close(ctx, CloseCode::Policy);
+                act.close_reason = "token expired";
+            });
+        }
         let interval = Duration::from_millis(self.state.settings.heartbeat.interval_ms);
         ctx.run_interval(interval, |act, ctx| act.heartbeat(ctx));
         if let Some(room) = self.auto_join.take() {
@@ -365,7 +495,7 @@ impl Handler<Outbound> for WsSession {
 
     fn handle(&mut self, msg: Outbound, ctx: &mut Self::Context) {
         match msg {
-            Outbound::Frame(frame) => ctx.text(frame),
+            Outbound::Frame(frame) => self.write(ctx, frame),
             Outbound::Close(code) => {
                 if code == CloseCode::TooSlow {
                     tracing::warn!(session = %self.id, user = %self.user, "closing a session that cannot keep up");
@@ -379,10 +509,11 @@ impl Handler<Outbound> for WsSession {
                 }
             }
             Outbound::Drain => {
-                ctx.text(encode(&ServerFrame::Shutdown {
+                let frame = encode(&ServerFrame::Shutdown {
                     reason: "draining",
                     reconnect: true,
-                }));
+                });
+                self.write(ctx, frame);
                 self.close(ctx, CloseCode::Draining);
             }
         }
@@ -409,10 +540,14 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
                 ErrorCode::BadRequest,
                 "binary frames are not accepted; send JSON text",
             ),
-            ws::Message::Ping(payload) => ctx.pong(&payload),
+            ws::Message::Ping(payload) => {
+                self.ledger.record(payload.len());
+                ctx.pong(&payload);
+            }
             ws::Message::Pong(_) | ws::Message::Nop => {}
             ws::Message::Close(_) => {
                 self.close_reason = "closed by client";
+                self.closing = true;
                 ctx.close(None);
                 ctx.stop();
             }

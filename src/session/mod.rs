@@ -7,6 +7,7 @@
 //! nothing outside it.
 
 mod actor;
+mod ledger;
 mod upgrade;
 
 pub use upgrade::ws_route;

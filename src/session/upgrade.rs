@@ -1,11 +1,16 @@
-//! `GET /ws`: checks the query before upgrading (bad input gets an HTTP
-//! error and nothing is upgraded), then starts the session actor.
+//! `GET /ws`: every check that can refuse a connection runs before the
+//! upgrade (draining 503, origin 403, per-IP 429, token 401, bad query 400),
+//! so nothing is upgraded that would be closed at once. Then the session
+//! actor starts, with its response body counted by the outbound ledger.
 
 use super::actor::WsSession;
-use crate::protocol::{RoomName, UserId};
+use crate::auth::AuthError;
+use crate::protocol::RoomName;
 use crate::state::AppState;
-use actix_web::{http::StatusCode, web, HttpRequest, HttpResponse};
+use actix_http::ws::Codec;
+use actix_web::{http::header, http::StatusCode, web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
+use futures_util::StreamExt;
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -15,8 +20,16 @@ struct WsQuery {
     room: Option<String>,
 }
 
-fn refuse(status: StatusCode, code: &str, message: &str) -> HttpResponse {
-    HttpResponse::build(status).json(serde_json::json!({ "error": code, "message": message }))
+fn refuse(state: &AppState, status: StatusCode, code: &str, message: &str) -> HttpResponse {
+    state.metrics.rejected_upgrade(code);
+    let mut response = HttpResponse::build(status);
+    if matches!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+    ) {
+        response.insert_header((header::RETRY_AFTER, "1"));
+    }
+    response.json(serde_json::json!({ "error": code, "message": message }))
 }
 
 pub async fn ws_route(
@@ -25,59 +38,98 @@ pub async fn ws_route(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
     if state.is_draining() {
-        return Ok(HttpResponse::ServiceUnavailable()
-            .insert_header(("Retry-After", "1"))
-            .json(
-                serde_json::json!({ "error": "unavailable", "message": "the node is draining" }),
-            ));
+        return Ok(refuse(
+            &state,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "the node is draining",
+        ));
     }
+    let origins = &state.settings.auth.allowed_origins;
+    if !origins.is_empty() {
+        // Browsers always send Origin; other clients may not, and are let through.
+        if let Some(origin) = req.headers().get(header::ORIGIN) {
+            let allowed = origin
+                .to_str()
+                .is_ok_and(|o| origins.iter().any(|a| a == o));
+            if !allowed {
+                return Ok(refuse(
+                    &state,
+                    StatusCode::FORBIDDEN,
+                    "forbidden_origin",
+                    "this origin may not connect",
+                ));
+            }
+        }
+    }
+    let permit = match req.peer_addr() {
+        Some(peer) => match state.ip_limits.admit(peer.ip()) {
+            Ok(permit) => Some(permit),
+            Err(e) => {
+                return Ok(refuse(
+                    &state,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    &e.to_string(),
+                ))
+            }
+        },
+        None => None,
+    };
     let Ok(query) = web::Query::<WsQuery>::from_query(req.query_string()) else {
         return Ok(refuse(
+            &state,
             StatusCode::BAD_REQUEST,
             "bad_request",
             "malformed query string",
         ));
     };
-    let auth = &state.settings.auth;
-    if !auth.jwt_secret.is_empty() || !auth.anonymous {
-        // Token checks arrive with the auth issue; until then a hub configured
-        // for tokens admits nobody rather than everybody.
-        if query.token.is_some() || !auth.anonymous {
+    let identity = match state
+        .auth
+        .identify(query.token.as_deref(), query.user.as_deref())
+    {
+        Ok(identity) => identity,
+        Err(e @ AuthError::BadUser(_)) => {
             return Ok(refuse(
+                &state,
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &e.to_string(),
+            ))
+        }
+        Err(e) => {
+            return Ok(refuse(
+                &state,
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "tokens are not accepted yet",
-            ));
+                &e.to_string(),
+            ))
         }
-    }
-    let user = match &query.user {
-        Some(user) => match UserId::parse(user) {
-            Ok(user) => user,
-            Err(e) => {
-                return Ok(refuse(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    &e.to_string(),
-                ))
-            }
-        },
-        None => UserId::parse(&format!("guest-{:06x}", rand::random::<u32>() & 0xff_ffff))
-            .expect("guest ids are valid user ids"),
     };
     let room = match query.room.as_deref().map(RoomName::parse).transpose() {
         Ok(room) => room,
         Err(e) => {
             return Ok(refuse(
+                &state,
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 &e.to_string(),
             ))
         }
     };
-    let peer = req.peer_addr();
-    let session = WsSession::new(state.into_inner(), user, room, peer);
-    let max_frame = session.max_frame_bytes();
-    ws::WsResponseBuilder::new(session, &req, stream)
-        .frame_size(max_frame)
-        .start()
+    let mut response = ws::handshake(&req)?;
+    let state_guard = state.socket_opened();
+    let session = WsSession::new(state.into_inner(), identity, room, req.peer_addr(), permit);
+    let codec = Codec::new().max_size(session.max_frame_bytes());
+    let taken = session.outbound_counter();
+    let guard = state_guard;
+    let body = ws::WebsocketContext::with_codec(session, stream, codec).map(move |chunk| {
+        let _open = &guard;
+        // What the HTTP layer pulls here has left the session's queue.
+        if let Ok(bytes) = &chunk {
+            taken.set(taken.get() + bytes.len() as u64);
+        }
+        chunk
+    });
+    Ok(response.streaming(body))
 }

@@ -1,0 +1,160 @@
+//! Who a connection is: HS256 JWTs (`?token=`), anonymous users, room
+//! patterns. Secrets and tokens are never logged.
+
+use crate::config::AuthSettings;
+use crate::protocol::{RoomName, UserId};
+use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("a token is required")]
+    TokenRequired,
+    #[error("the token is invalid, forged or expired")]
+    BadToken,
+    #[error("the token's `sub` is not a valid user id")]
+    BadSubject,
+    #[error("{0}")]
+    BadUser(String),
+}
+
+/// A room pattern from the `rooms` claim: `*` matches any run of characters,
+/// and a pattern must match the whole room name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomPattern(String);
+
+impl RoomPattern {
+    pub fn new(pattern: &str) -> Self {
+        Self(pattern.to_owned())
+    }
+
+    pub fn matches(&self, room: &RoomName) -> bool {
+        glob_match(self.0.as_bytes(), room.as_str().as_bytes())
+    }
+}
+
+/// Iterative wildcard match with one backtrack point (linear-ish, no recursion).
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+/// What a session may do, decided once at the upgrade.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub user: UserId,
+    /// `None`: every room. `Some`: only rooms matching one of the patterns.
+    pub rooms: Option<Vec<RoomPattern>>,
+    /// When the token expires (unix seconds); the session is closed then.
+    pub expires_at: Option<u64>,
+}
+
+impl Identity {
+    pub fn may_join(&self, room: &RoomName) -> bool {
+        self.rooms
+            .as_ref()
+            .is_none_or(|patterns| patterns.iter().any(|p| p.matches(room)))
+    }
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+    #[serde(default)]
+    rooms: Option<Vec<String>>,
+}
+
+/// Checks tokens against `auth.*`.
+pub struct Authenticator {
+    key: Option<DecodingKey>,
+    validation: Validation,
+    anonymous: bool,
+}
+
+impl Authenticator {
+    pub fn new(settings: &AuthSettings) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 5;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Self {
+            key: (!settings.jwt_secret.is_empty())
+                .then(|| DecodingKey::from_secret(settings.jwt_secret.as_bytes())),
+            validation,
+            anonymous: settings.anonymous,
+        }
+    }
+
+    /// The identity for an upgrade with these query parameters.
+    pub fn identify(&self, token: Option<&str>, user: Option<&str>) -> Result<Identity, AuthError> {
+        match (token, &self.key) {
+            (Some(token), Some(key)) => {
+                let claims = decode::<Claims>(token, key, &self.validation)
+                    .map_err(|_| AuthError::BadToken)?
+                    .claims;
+                Ok(Identity {
+                    user: UserId::parse(&claims.sub).map_err(|_| AuthError::BadSubject)?,
+                    rooms: claims
+                        .rooms
+                        .map(|patterns| patterns.iter().map(|p| RoomPattern::new(p)).collect()),
+                    expires_at: Some(claims.exp),
+                })
+            }
+            _ if !self.anonymous => Err(AuthError::TokenRequired),
+            // Anonymous: a token is ignored when no secret is set to check it.
+            _ => {
+                let user = match user {
+                    Some(u) => UserId::parse(u).map_err(|e| AuthError::BadUser(e.to_string()))?,
+                    None => {
+                        UserId::parse(&format!("guest-{:06x}", rand::random::<u32>() & 0xff_ffff))
+                            .expect("guest ids are valid user ids")
+                    }
+                };
+                Ok(Identity {
+                    user,
+                    rooms: None,
+                    expires_at: None,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn room(s: &str) -> RoomName {
+        RoomName::parse(s).unwrap()
+    }
+
+    #[test]
+    fn patterns_match_whole_names() {
+        let p = RoomPattern::new("team-*");
+        assert!(p.matches(&room("team-a")));
+        assert!(p.matches(&room("team-")));
+        assert!(!p.matches(&room("xteam-a")));
+        assert!(RoomPattern::new("*").matches(&room("anything")));
+        assert!(RoomPattern::new("a*b*c").matches(&room("aXXbYYc")));
+        assert!(!RoomPattern::new("a*b*c").matches(&room("aXXbYY")));
+        assert!(RoomPattern::new("lobby").matches(&room("lobby")));
+        assert!(!RoomPattern::new("lobby").matches(&room("lobby2")));
+        assert!(RoomPattern::new("*:general").matches(&room("org1:general")));
+    }
+}

@@ -1,0 +1,90 @@
+//! The outbound queue of one session, counted in frames.
+//!
+//! actix-web-actors buffers written frames without bound, so the session
+//! keeps its own ledger: every frame it writes is recorded with where it ends
+//! in the byte stream, and the response body reports how many bytes the HTTP
+//! layer has taken ([`OutboundLedger::counter`]). Frames not yet taken are the
+//! queue; when it reaches `limits.outbound_queue` the session is too slow and
+//! is closed with 1013 instead of growing memory.
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+pub struct OutboundLedger {
+    /// Bytes the HTTP layer has pulled from the WebSocket stream.
+    taken: Rc<Cell<u64>>,
+    /// Bytes written into the WebSocket stream so far.
+    written: u64,
+    /// Where each frame still queued ends, in `written` terms.
+    ends: VecDeque<u64>,
+    capacity: usize,
+}
+
+impl OutboundLedger {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            taken: Rc::default(),
+            written: 0,
+            ends: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    /// The counter the response body advances as it yields bytes.
+    pub fn counter(&self) -> Rc<Cell<u64>> {
+        self.taken.clone()
+    }
+
+    /// The size on the wire of a server frame (unmasked) with this payload.
+    fn wire_len(payload: usize) -> u64 {
+        let header = match payload {
+            0..=125 => 2,
+            126..=65535 => 4,
+            _ => 10,
+        };
+        (header + payload) as u64
+    }
+
+    /// Frames written but not yet taken by the HTTP layer.
+    pub fn queued(&mut self) -> usize {
+        let taken = self.taken.get();
+        while self.ends.front().is_some_and(|&end| end <= taken) {
+            self.ends.pop_front();
+        }
+        self.ends.len()
+    }
+
+    /// Records a data frame; `false` (and nothing recorded) if the queue is full.
+    pub fn try_push(&mut self, payload: usize) -> bool {
+        if self.queued() >= self.capacity {
+            return false;
+        }
+        self.record(payload);
+        true
+    }
+
+    /// Records a control frame (ping, pong, close), which is never refused.
+    pub fn record(&mut self, payload: usize) {
+        self.written += Self::wire_len(payload);
+        self.ends.push_back(self.written);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_leave_the_queue_as_their_bytes_are_taken() {
+        let mut ledger = OutboundLedger::new(2);
+        assert!(ledger.try_push(10)); // 12 bytes on the wire
+        assert!(ledger.try_push(200)); // 204 bytes
+        assert!(!ledger.try_push(1), "full");
+        ledger.counter().set(12);
+        assert_eq!(ledger.queued(), 1);
+        assert!(ledger.try_push(1));
+        ledger.counter().set(12 + 204 + 3);
+        assert_eq!(ledger.queued(), 0);
+    }
+}
