@@ -17,6 +17,7 @@ pub struct Metrics {
     pub abuse_disconnects: IntCounter,
     pub heartbeat_timeouts: IntCounter,
     pub token_expiries: IntCounter,
+    pub stalled_sockets_cut: IntCounter,
     rejected_upgrades: IntCounterVec,
     errors: IntCounterVec,
 }
@@ -95,6 +96,10 @@ impl Metrics {
             token_expiries: counter(
                 "roomhub_token_expiries_total",
                 "sessions closed with 1008 because their token expired",
+            ),
+            stalled_sockets_cut: counter(
+                "roomhub_stalled_sockets_cut_total",
+                "connections shut down because their peer stopped reading",
             ),
             rejected_upgrades,
             errors,

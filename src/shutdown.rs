@@ -40,15 +40,17 @@ pub async fn drain_sessions(state: &AppState) {
     let grace = Duration::from_millis(state.settings.server.shutdown_grace_ms);
     let deadline = Instant::now() + grace;
     state.directory.tell_all(Outbound::Drain);
-    // Sessions leave the directory as their actors stop; there is no event to
-    // await across threads, so look every few milliseconds.
-    while state.directory.session_count() > 0 && Instant::now() < deadline {
+    // A socket is done once the HTTP layer has written its last bytes (the
+    // close frame included) and dropped the connection; a client that stopped
+    // reading keeps it until the grace runs out. There is no event to await
+    // across the worker threads, so look every few milliseconds.
+    while state.open_sockets() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let left = state.directory.session_count();
+    let left = state.open_sockets();
     if left > 0 {
         tracing::warn!(
-            sessions = left,
+            sockets = left,
             "grace period over; dropping the remaining connections"
         );
     }

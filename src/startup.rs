@@ -47,6 +47,15 @@ impl Application {
                 .app_data(app_state.clone())
                 .configure(http::routes)
         })
+        // Record each connection's socket so the session watchdog can cut off
+        // a peer that stopped reading (see `session::watchdog`). Must come
+        // before `listen`, which takes the callback as it is then.
+        .on_connect(|conn, data| {
+            use std::os::fd::AsRawFd;
+            if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+                data.insert(crate::session::Connection::new(tcp.as_raw_fd()));
+            }
+        })
         .listen(listener)?
         // Signals are ours (see `shutdown`): actix would stop without draining.
         .disable_signals()

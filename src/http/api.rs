@@ -1,15 +1,14 @@
 //! The HTTP API for backends: stats, rooms, publish, direct, history.
 //! Handlers only check input and ask the room or the directory.
 
+use super::bodies::{DirectBody, PublishBody};
 use super::ApiError;
-use crate::protocol::{encode, RoomName, ServerFrame, UserId, MAX_HISTORY_PAGE, MAX_REF_CHARS};
+use crate::protocol::{encode, RoomName, ServerFrame, UserId, MAX_HISTORY_PAGE};
 use crate::room::{HistoryQuery, Publish, PublishReply, RoomError};
 use crate::state::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytestring::ByteString;
 use serde::Deserialize;
-use serde_json::value::RawValue;
-use std::collections::HashMap;
 
 /// The author of messages published through the API without a `user`.
 const SERVER_USER: &str = "server";
@@ -107,39 +106,6 @@ async fn ask_room(
     Err(room_error(RoomError::Restarting))
 }
 
-/// The fields of a POST body, each kept as raw JSON so `data` can be any
-/// JSON (`null` included) and is never re-encoded.
-fn body_fields(body: &[u8]) -> Result<HashMap<String, Box<RawValue>>, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|_| ApiError::BadRequest("the body must be a JSON object".into()))
-}
-
-fn data_field(
-    fields: &mut HashMap<String, Box<RawValue>>,
-    state: &AppState,
-) -> Result<Box<RawValue>, ApiError> {
-    let data = fields
-        .remove("data")
-        .ok_or_else(|| ApiError::BadRequest("`data` is required".into()))?;
-    let max = state.settings.limits.max_message_bytes;
-    if data.get().len() > max {
-        return Err(ApiError::BadRequest(format!("`data` is over {max} bytes")));
-    }
-    Ok(data)
-}
-
-fn optional_string(
-    fields: &HashMap<String, Box<RawValue>>,
-    name: &str,
-) -> Result<Option<String>, ApiError> {
-    match fields.get(name).map(|raw| raw.get()) {
-        None | Some("null") => Ok(None),
-        Some(raw) => serde_json::from_str(raw)
-            .map(Some)
-            .map_err(|_| ApiError::BadRequest(format!("`{name}` must be a string"))),
-    }
-}
-
 pub async fn publish_to_room(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -151,21 +117,9 @@ pub async fn publish_to_room(
         return Err(ApiError::Draining);
     }
     let room = room_from(&room)?;
-    let mut fields = body_fields(&body)?;
-    let data = data_field(&mut fields, &state)?;
-    let user = optional_string(&fields, "user")?
-        .map(|u| UserId::parse(&u).map_err(|e| ApiError::BadRequest(e.to_string())))
-        .transpose()?
-        .unwrap_or_else(|| UserId::parse(SERVER_USER).expect("a valid user id"));
-    let key = optional_string(&fields, "key")?;
-    if key
-        .as_ref()
-        .is_some_and(|k| k.is_empty() || k.chars().count() > MAX_REF_CHARS)
-    {
-        return Err(ApiError::BadRequest(format!(
-            "`key` is 1 to {MAX_REF_CHARS} characters"
-        )));
-    }
+    let PublishBody { data, user, key } =
+        PublishBody::parse(&body, state.settings.limits.max_message_bytes)?;
+    let user = user.unwrap_or_else(|| UserId::parse(SERVER_USER).expect("a valid user id"));
     for _ in 0..3 {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let publish = Publish {
@@ -203,8 +157,7 @@ pub async fn direct_to_user(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
     let to = UserId::parse(&user).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let mut fields = body_fields(&body)?;
-    let data = data_field(&mut fields, &state)?;
+    let DirectBody { data } = DirectBody::parse(&body, state.settings.limits.max_message_bytes)?;
     let from = UserId::parse(SERVER_USER).expect("a valid user id");
     let frame = ByteString::from(encode(&ServerFrame::Direct {
         from: &from,

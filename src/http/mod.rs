@@ -2,12 +2,14 @@
 //! in the module for its concern, and errors map to statuses in [`error`].
 
 mod api;
+mod bodies;
 mod error;
 mod health;
 mod web_client;
 
 use actix_web::web;
 
+pub use bodies::{DirectBody, PublishBody};
 pub use error::ApiError;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {

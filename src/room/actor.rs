@@ -201,8 +201,11 @@ impl RoomActor {
             }
             match offer(&member.outbox, frame.clone()) {
                 Offer::Delivered => delivered += 1,
-                // An evicted session counts itself as a slow consumer when it closes.
-                Offer::Evicted | Offer::Gone => lost.push(id),
+                Offer::Evicted => {
+                    self.context.metrics.slow_consumer_disconnects.inc();
+                    lost.push(id);
+                }
+                Offer::Gone => lost.push(id),
             }
         }
         for id in lost {

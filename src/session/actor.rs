@@ -65,6 +65,8 @@ impl WsSession {
         permit: Option<ConnectionPermit>,
     ) -> Self {
         let limits = &state.settings.limits;
+        // Counted here and uncounted in `Drop`, so the two always pair.
+        state.metrics.connections.inc();
         Self {
             id: SessionId::random(),
             user: identity.user.clone(),
@@ -93,6 +95,11 @@ impl WsSession {
         self.ledger.counter()
     }
 
+    /// Bytes written so far, for the watchdog.
+    pub fn progress(&self) -> std::rc::Rc<std::cell::Cell<u64>> {
+        self.ledger.progress()
+    }
+
     fn outbox(ctx: &mut ws::WebsocketContext<Self>) -> Recipient<Outbound> {
         ctx.address().recipient()
     }
@@ -106,6 +113,7 @@ impl WsSession {
         if self.ledger.try_push(frame.len()) {
             ctx.text(frame);
         } else {
+            self.state.metrics.slow_consumer_disconnects.inc();
             self.close(ctx, CloseCode::TooSlow);
         }
     }
@@ -152,9 +160,6 @@ impl WsSession {
         }
         self.closing = true;
         self.close_reason = code.reason();
-        if code == CloseCode::TooSlow {
-            self.state.metrics.slow_consumer_disconnects.inc();
-        }
         self.ledger.record(2 + code.reason().len());
         ctx.close(Some(ws::CloseReason {
             code: ws::CloseCode::from(code.code()),
@@ -450,7 +455,6 @@ impl Actor for WsSession {
         // The mailbox is the session's inbound queue from rooms: bounded, so a
         // session that cannot keep up is evicted instead of growing memory.
         ctx.set_mailbox_capacity(self.state.settings.limits.outbound_queue);
-        self.state.metrics.connections.inc();
         self.state
             .directory
             .register(&self.user, self.id, Self::outbox(ctx));
@@ -479,8 +483,12 @@ impl Actor for WsSession {
             self.join(room, None, history, None, ctx);
         }
     }
+}
 
-    fn stopped(&mut self, _ctx: &mut Self::Context) {
+/// Cleanup lives in `Drop`, not `stopped`: a connection cut at the socket
+/// (see `watchdog`) drops the actor without stopping it.
+impl Drop for WsSession {
+    fn drop(&mut self) {
         for addr in self.rooms.values() {
             addr.do_send(Leave { session: self.id });
         }

@@ -14,8 +14,9 @@ use std::rc::Rc;
 pub struct OutboundLedger {
     /// Bytes the HTTP layer has pulled from the WebSocket stream.
     taken: Rc<Cell<u64>>,
-    /// Bytes written into the WebSocket stream so far.
-    written: u64,
+    /// Bytes written into the WebSocket stream so far (shared with the
+    /// watchdog, which reads "no progress" as "the actor cannot run").
+    written: Rc<Cell<u64>>,
     /// Where each frame still queued ends, in `written` terms.
     ends: VecDeque<u64>,
     capacity: usize,
@@ -25,7 +26,7 @@ impl OutboundLedger {
     pub fn new(capacity: usize) -> Self {
         Self {
             taken: Rc::default(),
-            written: 0,
+            written: Rc::default(),
             ends: VecDeque::new(),
             capacity,
         }
@@ -34,6 +35,11 @@ impl OutboundLedger {
     /// The counter the response body advances as it yields bytes.
     pub fn counter(&self) -> Rc<Cell<u64>> {
         self.taken.clone()
+    }
+
+    /// The bytes written so far, as the watchdog sees them.
+    pub fn progress(&self) -> Rc<Cell<u64>> {
+        self.written.clone()
     }
 
     /// The size on the wire of a server frame (unmasked) with this payload.
@@ -66,8 +72,9 @@ impl OutboundLedger {
 
     /// Records a control frame (ping, pong, close), which is never refused.
     pub fn record(&mut self, payload: usize) {
-        self.written += Self::wire_len(payload);
-        self.ends.push_back(self.written);
+        let written = self.written.get() + Self::wire_len(payload);
+        self.written.set(written);
+        self.ends.push_back(written);
     }
 }
 

@@ -9,5 +9,7 @@
 mod actor;
 mod ledger;
 mod upgrade;
+mod watchdog;
 
 pub use upgrade::ws_route;
+pub use watchdog::Connection;

@@ -4,6 +4,7 @@
 //! actor starts, with its response body counted by the outbound ledger.
 
 use super::actor::WsSession;
+use super::watchdog::{self, Connection};
 use crate::auth::AuthError;
 use crate::protocol::RoomName;
 use crate::state::AppState;
@@ -12,6 +13,7 @@ use actix_web::{http::header, http::StatusCode, web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
 use futures_util::StreamExt;
 use serde::Deserialize;
+use std::time::Duration;
 
 #[derive(Deserialize)]
 struct WsQuery {
@@ -119,12 +121,29 @@ pub async fn ws_route(
     };
     let mut response = ws::handshake(&req)?;
     let state_guard = state.socket_opened();
+    let state_ref = state.clone();
     let session = WsSession::new(state.into_inner(), identity, room, req.peer_addr(), permit);
     let codec = Codec::new().max_size(session.max_frame_bytes());
     let taken = session.outbound_counter();
-    let guard = state_guard;
+    if let Some(connection) = req.conn_data::<Connection>() {
+        // The drain counts this socket until the connection itself is gone.
+        connection.hold(state_guard);
+        let heartbeat = &state_ref.settings.heartbeat;
+        let watch = watchdog::watch(
+            connection,
+            session.progress(),
+            Duration::from_millis(heartbeat.interval_ms),
+            Duration::from_millis(heartbeat.timeout_ms),
+        );
+        let metrics = state_ref.metrics.clone();
+        actix_web::rt::spawn(async move {
+            if watch.await {
+                metrics.stalled_sockets_cut.inc();
+                tracing::warn!("cut off a connection whose peer stopped reading");
+            }
+        });
+    }
     let body = ws::WebsocketContext::with_codec(session, stream, codec).map(move |chunk| {
-        let _open = &guard;
         // What the HTTP layer pulls here has left the session's queue.
         if let Ok(bytes) = &chunk {
             taken.set(taken.get() + bytes.len() as u64);

@@ -6,7 +6,6 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -245,6 +244,17 @@ impl TestClient {
         }
     }
 
+    /// The next JSON frame, or `None` once the connection has ended.
+    pub async fn try_next(&mut self) -> Option<Value> {
+        loop {
+            match self.ws.next().await {
+                Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).ok(),
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
     /// Skips frames until one of type `kind` arrives.
     pub async fn next_of(&mut self, kind: &str) -> Value {
         loop {
@@ -328,4 +338,14 @@ pub fn offsets(messages: &Value) -> Vec<u64> {
         .iter()
         .map(|m| m["offset"].as_u64().expect("offset"))
         .collect()
+}
+
+/// A loopback port that was free a moment ago: for a hub that must come back
+/// on the same port after `restart()` (pass it as `ROOMHUB_SERVER__BIND`), or
+/// for a helper process such as chromedriver.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free loopback port")
+        .port()
 }

@@ -1,10 +1,13 @@
 //! One integration test binary; a module per feature, sharing `helpers`.
 
+mod codec_props;
 mod config;
 mod helpers;
 mod history;
 mod http_api;
 mod persistence;
+mod protection;
 mod protocol;
 mod rooms;
 mod store;
+mod web_client;
