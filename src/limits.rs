@@ -13,8 +13,9 @@
 use crate::config::LimitSettings;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
 use governor::state::{InMemoryState, NotKeyed};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{Quota, RateLimiter};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -90,8 +91,8 @@ pub enum IpRefusal {
     TooManyConnections,
 }
 
-pub struct IpLimits {
-    handshakes: DefaultKeyedRateLimiter<IpAddr>,
+pub struct IpLimits<C: Clock = DefaultClock> {
+    handshakes: RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, C, NoOpMiddleware<C::Instant>>,
     open: Arc<Mutex<HashMap<IpAddr, u32>>>,
     max_open: u32,
 }
@@ -114,11 +115,17 @@ impl Drop for ConnectionPermit {
     }
 }
 
-impl IpLimits {
+impl IpLimits<DefaultClock> {
     pub fn new(limits: &LimitSettings) -> Self {
+        Self::with_clock(limits, &DefaultClock::default())
+    }
+}
+
+impl<C: Clock> IpLimits<C> {
+    pub fn with_clock(limits: &LimitSettings, clock: &C) -> Self {
         let quota = Quota::per_second(nonzero(limits.handshakes_per_ip_per_sec));
         Self {
-            handshakes: RateLimiter::keyed(quota),
+            handshakes: RateLimiter::dashmap_with_clock(quota, clock),
             open: Arc::default(),
             max_open: limits.max_connections_per_ip,
         }
@@ -210,5 +217,23 @@ mod tests {
             drop(ip_limits.admit(ip).unwrap());
         }
         assert_eq!(ip_limits.tracked().1, 1);
+    }
+
+    #[test]
+    fn handshake_buckets_of_idle_addresses_are_swept() {
+        let clock = FakeRelativeClock::default();
+        let limits = LimitSettings {
+            handshakes_per_ip_per_sec: 10,
+            ..LimitSettings::default()
+        };
+        let ip_limits = IpLimits::with_clock(&limits, &clock);
+        for i in 0..10_000u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            drop(ip_limits.admit(ip).unwrap());
+        }
+        assert_eq!(ip_limits.tracked().0, 10_000);
+        clock.advance(Duration::from_secs(1));
+        ip_limits.sweep();
+        assert_eq!(ip_limits.tracked(), (0, 0));
     }
 }

@@ -259,3 +259,33 @@ async fn leaving_stops_delivery() {
     // alice sees nothing from the room: her next frame is her own pong.
     assert_eq!(c.request(json!({"type": "ping"})).await["type"], "pong");
 }
+
+#[tokio::test]
+async fn idle_empty_rooms_stop_and_start_again_on_demand() {
+    let app = TestApp::spawn_with(&[("ROOMHUB_ROOMS__IDLE_TIMEOUT_MS", "200")]).await;
+    let mut c = app.connect("user=alice").await;
+    c.join("brief").await;
+    c.publish("brief", json!("kept")).await;
+    c.request(json!({"type": "leave", "room": "brief"})).await;
+    // The room's actor stops once it has been empty for the idle timeout.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, rooms) = app.get_json("/api/rooms").await;
+        if rooms["rooms"] == json!([]) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{rooms}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let metrics = reqwest::get(app.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("roomhub_rooms 0"), "{metrics}");
+    // Joining again starts it from its log.
+    let joined = c.join("brief").await;
+    assert_eq!(offsets(&joined["history"]), vec![1]);
+    assert_eq!(c.publish("brief", json!("more")).await, 2);
+}
