@@ -201,15 +201,12 @@ impl RoomActor {
             }
             match offer(&member.outbox, frame.clone()) {
                 Offer::Delivered => delivered += 1,
-                Offer::Evicted => {
-                    self.context.metrics.slow_consumer_disconnects.inc();
-                    lost.push(id);
-                }
-                Offer::Gone => lost.push(id),
+                Offer::Evicted => lost.push((id, true)),
+                Offer::Gone => lost.push((id, false)),
             }
         }
-        for id in lost {
-            self.remove_member(id);
+        if !lost.is_empty() {
+            self.drop_members(lost);
         }
         delivered
     }
@@ -233,24 +230,41 @@ impl RoomActor {
     }
 
     fn remove_member(&mut self, session: SessionId) {
-        let Some(member) = self.members.remove(&session) else {
-            return;
-        };
-        if let Some(count) = self.presence.get_mut(&member.user) {
-            *count -= 1;
-            if *count == 0 {
-                self.presence.remove(&member.user);
-                let frame = ByteString::from(encode(&ServerFrame::UserLeft {
-                    room: &self.name,
-                    user: &member.user,
-                }));
-                self.fan_out(frame, |_, _| true);
+        self.drop_members(vec![(session, false)]);
+    }
+
+    /// Removes sessions (`true`: evicted as too slow), then tells the others
+    /// about every user who has no session left. All are removed before any
+    /// `user_left` goes out, so a departing session is never offered frames
+    /// (or counted as evicted) twice.
+    fn drop_members(&mut self, sessions: Vec<(SessionId, bool)>) {
+        let mut gone = Vec::new();
+        for (session, evicted) in sessions {
+            let Some(member) = self.members.remove(&session) else {
+                continue;
+            };
+            if evicted {
+                self.context.metrics.slow_consumer_disconnects.inc();
+            }
+            if let Some(count) = self.presence.get_mut(&member.user) {
+                *count -= 1;
+                if *count == 0 {
+                    self.presence.remove(&member.user);
+                    gone.push(member.user);
+                }
             }
         }
         if self.members.is_empty() {
             self.empty_since = Some(Instant::now());
         }
         self.update_stats();
+        for user in gone {
+            let frame = ByteString::from(encode(&ServerFrame::UserLeft {
+                room: &self.name,
+                user: &user,
+            }));
+            self.fan_out(frame, |_, _| true);
+        }
     }
 
     /// Answers a range from the tail when it holds what is asked, else hands
