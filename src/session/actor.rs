@@ -326,6 +326,25 @@ impl WsSession {
         addr
     }
 
+    /// Whether the token allows this room (join and history); else tells the client.
+    fn allowed(
+        &mut self,
+        room: &RoomName,
+        r: Option<&str>,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) -> bool {
+        let allowed = self.identity.may_join(room);
+        if !allowed {
+            self.send_error(
+                ctx,
+                r,
+                ErrorCode::Forbidden,
+                "your token does not allow this room",
+            );
+        }
+        allowed
+    }
+
     fn join(
         &mut self,
         room: RoomName,
@@ -334,13 +353,8 @@ impl WsSession {
         reference: Option<String>,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
-        if !self.identity.may_join(&room) {
-            return self.send_error(
-                ctx,
-                reference.as_deref(),
-                ErrorCode::Forbidden,
-                "your token does not allow this room",
-            );
+        if !self.allowed(&room, reference.as_deref(), ctx) {
+            return;
         }
         let limit = self.state.settings.limits.max_rooms_per_connection;
         if !self.rooms.contains_key(&room) && self.rooms.len() >= limit {
@@ -391,13 +405,8 @@ impl WsSession {
         reference: Option<String>,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
-        if !self.identity.may_join(&room) {
-            return self.send_error(
-                ctx,
-                reference.as_deref(),
-                ErrorCode::Forbidden,
-                "your token does not allow this room",
-            );
+        if !self.allowed(&room, reference.as_deref(), ctx) {
+            return;
         }
         let addr = match self.rooms.get(&room) {
             Some(addr) => addr.clone(),
