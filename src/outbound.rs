@@ -59,6 +59,7 @@ pub fn error_frame(
             code,
             message,
             retry_after_ms,
+            room: None,
         },
     ))
 }

@@ -485,12 +485,14 @@ export class RoomHub {
       req.reject(new HubError(f.code, f.message, f));
       return;
     }
-    // The hub tells a session whose room actor restarted to join again.
+    // The hub tells a session whose room actor restarted to join again
+    // (`room` names it; older hubs only said so in the message).
     const m = /^room (\S+) restarted/.exec(f.message || "");
-    if (m && this._rooms.has(m[1])) {
-      const room = this._rooms.get(m[1]);
+    const restarted = f.room || (m && m[1]);
+    if (restarted && this._rooms.has(restarted)) {
+      const room = this._rooms.get(restarted);
       room.joined = false;
-      this._sendJoin(m[1], room);
+      this._sendJoin(restarted, room);
       return;
     }
     if (f.code === "rate_limited") {

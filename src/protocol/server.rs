@@ -155,6 +155,10 @@ pub enum ServerFrame<'a> {
         message: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
+        /// An addition to the protocol: the room an unprompted error is about
+        /// (a room that restarted and must be joined again).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<&'a RoomName>,
     },
     Shutdown {
         reason: &'a str,
@@ -224,6 +228,7 @@ mod tests {
             code: ErrorCode::NotJoined,
             message: "join first",
             retry_after_ms: None,
+            room: None,
         });
         assert_eq!(
             err,

@@ -521,8 +521,16 @@ impl Handler<Outbound> for WsSession {
             }
             Outbound::RoomClosed(room) => {
                 if self.rooms.remove(&room).is_some() {
+                    self.state.metrics.error(ErrorCode::Internal);
                     let message = format!("room {room} restarted; join it again");
-                    self.send_error(ctx, None, ErrorCode::Internal, &message);
+                    let frame = encode(&ServerFrame::Error {
+                        reference: None,
+                        code: ErrorCode::Internal,
+                        message: &message,
+                        retry_after_ms: None,
+                        room: Some(&room),
+                    });
+                    self.write(ctx, frame);
                 }
             }
             Outbound::Drain => {
