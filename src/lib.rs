@@ -13,6 +13,7 @@
 //! - [`http`]: the route table: `/ws`, health, metrics, the HTTP API, the web client.
 //! - [`metrics`], [`telemetry`]: Prometheus counters, tracing setup.
 //! - [`shutdown`], [`startup`]: the drain, and wiring the app together.
+//! - [`load`]: `roomhub load`, a WebSocket load generator (a client of the hub, not part of it).
 //!
 //! Absent on purpose: sessions never touch the store; rooms never touch sockets.
 
@@ -21,6 +22,7 @@ pub mod config;
 pub mod directory;
 pub mod http;
 pub mod limits;
+pub mod load;
 pub mod metrics;
 pub mod outbound;
 pub mod protocol;

@@ -26,10 +26,17 @@ struct Cli {
 enum Command {
     /// Print the merged settings and exit 0, or the error and exit 2.
     CheckConfig,
+    /// Load-test a running hub: connect clients to rooms, publish, report
+    /// deliveries per second, latency and losses (see BENCHMARKS.md).
+    Load(roomhub::load::LoadArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The load generator is a client: it needs no hub settings.
+    if let Some(Command::Load(args)) = &cli.command {
+        return roomhub::load::run(args.clone());
+    }
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(e) => {
@@ -42,6 +49,7 @@ fn main() -> ExitCode {
             print!("{}", settings.to_redacted_toml());
             ExitCode::SUCCESS
         }
+        Some(Command::Load(_)) => unreachable!("handled above"),
         None => serve(settings),
     }
 }

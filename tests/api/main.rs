@@ -5,6 +5,7 @@ mod config;
 mod helpers;
 mod history;
 mod http_api;
+mod load_tool;
 mod persistence;
 mod protection;
 mod protocol;
