@@ -40,7 +40,9 @@ impl SessionDirectory {
             .map(|sessions| {
                 sessions
                     .values()
-                    .filter(|outbox| offer(outbox, frame.clone()) == Offer::Delivered)
+                    .filter(|outbox| {
+                        offer(outbox, Outbound::Frame(frame.clone())) == Offer::Delivered
+                    })
                     .count()
             })
             .unwrap_or(0)

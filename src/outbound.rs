@@ -7,12 +7,22 @@
 use crate::protocol::{CloseCode, RoomName};
 use actix::{Message, Recipient};
 use bytestring::ByteString;
+use std::sync::Arc;
+
+impl From<ByteString> for Outbound {
+    fn from(frame: ByteString) -> Self {
+        Outbound::Frame(frame)
+    }
+}
 
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 pub enum Outbound {
     /// An encoded frame to write as-is. The bytes are shared by every recipient.
     Frame(ByteString),
+    /// Several frames to write in order (a room's group of newly durable
+    /// messages): one mailbox message instead of one per frame.
+    Frames(Arc<[ByteString]>),
     /// Close the connection with this code.
     Close(CloseCode),
     /// The room dropped this session (it failed and restarts); the session
@@ -32,8 +42,8 @@ pub enum Offer {
     Gone,
 }
 
-pub fn offer(outbox: &Recipient<Outbound>, frame: ByteString) -> Offer {
-    match outbox.try_send(Outbound::Frame(frame)) {
+pub fn offer(outbox: &Recipient<Outbound>, message: Outbound) -> Offer {
+    match outbox.try_send(message) {
         Ok(()) => Offer::Delivered,
         Err(actix::prelude::SendError::Full(_)) => {
             // `do_send` bypasses the full mailbox so the close still arrives.

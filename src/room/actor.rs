@@ -23,7 +23,7 @@ use crate::storage::{new_epoch, RoomSnapshot, StoreError, Take, WriteBatch, Writ
 use actix::prelude::*;
 use bytestring::ByteString;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -135,7 +135,19 @@ struct RangeQuery {
     take: Take,
 }
 
+/// How the store's writer thread tells a room what became durable without a
+/// message per batch: it raises `upto` and sends one `Persisted` only if none
+/// is pending, so a group commit of many publishes wakes the room once and
+/// the room fans them out together (one mailbox message per member per
+/// group, not per message).
+#[derive(Default)]
+pub(crate) struct DurableSignal {
+    upto: AtomicU64,
+    pending: AtomicBool,
+}
+
 pub struct RoomActor {
+    durable_signal: Arc<DurableSignal>,
     name: RoomName,
     generation: u64,
     registry: RoomRegistry,
@@ -156,6 +168,7 @@ impl RoomActor {
         registry: RoomRegistry,
     ) -> Self {
         Self {
+            durable_signal: Arc::default(),
             name,
             generation,
             context: registry.context().clone(),
@@ -192,7 +205,12 @@ impl RoomActor {
     }
 
     /// Offers `frame` to every member `to` accepts; evicts those that cannot keep up.
-    fn fan_out(&mut self, frame: ByteString, to: impl Fn(SessionId, &Member) -> bool) -> u64 {
+    fn fan_out(
+        &mut self,
+        frame: impl Into<Outbound>,
+        to: impl Fn(SessionId, &Member) -> bool,
+    ) -> u64 {
+        let frame = frame.into();
         let mut delivered = 0;
         let mut lost = Vec::new();
         for (&id, member) in &self.members {
@@ -325,7 +343,7 @@ impl RoomActor {
                     reference: reference.as_deref(),
                     offset: Some(offset),
                 });
-                offer(&outbox, frame.into());
+                offer(&outbox, Outbound::Frame(frame.into()));
             }
             PublishReply::Api(tx) => {
                 let _ = tx.send(Ok(offset));
@@ -345,7 +363,7 @@ impl RoomActor {
                     &error.to_string(),
                     None,
                 );
-                offer(&outbox, frame);
+                offer(&outbox, Outbound::Frame(frame));
             }
             PublishReply::Api(tx) => {
                 let _ = tx.send(Err(error));
@@ -456,6 +474,7 @@ impl RoomActor {
         let Some(log) = &self.log else { return };
         let addr = ctx.address();
         let room = self.name.clone();
+        let signal = self.durable_signal.clone();
         let batch = WriteBatch {
             room: self.name.clone(),
             epoch: log.epoch,
@@ -463,9 +482,15 @@ impl RoomActor {
         };
         self.context.store.write(
             batch,
-            Box::new(move |result| match upto {
-                Some(upto) => addr.do_send(Persisted { upto, result }),
-                None => {
+            Box::new(move |result| match (upto, result) {
+                (Some(upto), Ok(())) => {
+                    signal.upto.fetch_max(upto, Ordering::SeqCst);
+                    if !signal.pending.swap(true, Ordering::SeqCst) {
+                        addr.do_send(Persisted { result: Ok(()) });
+                    }
+                }
+                (Some(_), Err(error)) => addr.do_send(Persisted { result: Err(error) }),
+                (None, result) => {
                     if let Err(error) = result {
                         tracing::warn!(%room, %error, "room housekeeping write failed");
                     }
@@ -635,12 +660,16 @@ impl Handler<Persisted> for RoomActor {
         if let Err(error) = msg.result {
             return self.fail(ctx, error);
         }
+        // Clear `pending` before reading `upto`: a batch that lands after
+        // this read sends a new `Persisted` (see `DurableSignal`).
+        self.durable_signal.pending.store(false, Ordering::SeqCst);
+        let upto = self.durable_signal.upto.load(Ordering::SeqCst);
         let Some(log) = self.log.as_mut() else { return };
         let mut ready = Vec::new();
         while log
             .unpersisted
             .front()
-            .is_some_and(|p| p.message.offset <= msg.upto)
+            .is_some_and(|p| p.message.offset <= upto)
         {
             // Checked by the loop condition.
             let pending = log.unpersisted.pop_front().expect("front exists");
@@ -655,12 +684,26 @@ impl Handler<Persisted> for RoomActor {
             .into_iter()
             .partition(|(offset, _)| *offset <= durable);
         log.waiting_acks = waiting;
+        if !ready.is_empty() {
+            // Encoded once; every recipient shares these bytes, and gets the
+            // whole group in one mailbox message.
+            let frames: Vec<ByteString> = ready
+                .iter()
+                .map(|p| ByteString::from(p.message.as_str()))
+                .collect();
+            let count = frames.len() as u64;
+            let batch = match frames.len() {
+                1 => Outbound::Frame(frames.into_iter().next().expect("one frame")),
+                _ => Outbound::Frames(Arc::from(frames)),
+            };
+            let delivered = self.fan_out(batch, |_, _| true);
+            self.context.metrics.messages_published.inc_by(count);
+            self.context
+                .metrics
+                .messages_delivered
+                .inc_by(delivered * count);
+        }
         for pending in ready {
-            // Encoded once; every recipient shares these bytes.
-            let frame = ByteString::from(pending.message.as_str());
-            let delivered = self.fan_out(frame, |_, _| true);
-            self.context.metrics.messages_published.inc();
-            self.context.metrics.messages_delivered.inc_by(delivered);
             if let Some(reply) = pending.reply {
                 self.reply_ack(reply, pending.message.offset);
             }
@@ -699,7 +742,7 @@ impl Handler<PresenceQuery> for RoomActor {
             room: &self.name,
             users: &self.presence_list(),
         });
-        offer(&member.outbox, frame.into());
+        offer(&member.outbox, Outbound::Frame(frame.into()));
     }
 }
 

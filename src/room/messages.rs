@@ -107,10 +107,10 @@ pub struct HistoryPage {
     pub messages: Vec<EncodedMessage>,
 }
 
-/// The store's verdict on the batch that ended with offset `upto` (internal).
+/// The store has made more of the room's offsets durable (see
+/// [`super::actor::DurableSignal`]), or failed (internal).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct Persisted {
-    pub upto: u64,
     pub result: Result<(), StoreError>,
 }

@@ -513,6 +513,11 @@ impl Handler<Outbound> for WsSession {
     fn handle(&mut self, msg: Outbound, ctx: &mut Self::Context) {
         match msg {
             Outbound::Frame(frame) => self.write(ctx, frame),
+            Outbound::Frames(frames) => {
+                for frame in frames.iter() {
+                    self.write(ctx, frame.clone());
+                }
+            }
             Outbound::Close(code) => {
                 if code == CloseCode::TooSlow {
                     tracing::warn!(session = %self.id, user = %self.user, "closing a session that cannot keep up");
