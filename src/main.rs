@@ -8,11 +8,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-// The hub allocates per delivery (mailbox envelopes, frame buffers); glibc's
-// malloc was ~45% of its instructions under fan-out (BENCHMARKS.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "roomhub",
