@@ -72,6 +72,9 @@ impl OutboundLedger {
 
     /// Records a control frame (ping, pong, close), which is never refused.
     pub fn record(&mut self, payload: usize) {
+        // Drop what was taken first, so an idle connection's pings do not
+        // pile up in `ends`.
+        self.queued();
         let written = self.written.get() + Self::wire_len(payload);
         self.written.set(written);
         self.ends.push_back(written);
@@ -93,5 +96,17 @@ mod tests {
         assert!(ledger.try_push(1));
         ledger.counter().set(12 + 204 + 3);
         assert_eq!(ledger.queued(), 0);
+    }
+
+    #[test]
+    fn pings_on_an_idle_connection_do_not_accumulate() {
+        let mut ledger = OutboundLedger::new(4);
+        let counter = ledger.counter();
+        for _ in 0..10_000 {
+            ledger.record(0);
+            counter.set(counter.get() + 2);
+        }
+        ledger.record(0);
+        assert_eq!(ledger.ends.len(), 1);
     }
 }
