@@ -164,6 +164,16 @@ impl TestApp {
             .expect("http post")
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let resp = self
             .http()

@@ -43,12 +43,7 @@ async fn health_readiness_stats_metrics_and_the_page() {
         json!({"rooms": [{"room": "one", "users": 1, "sessions": 1}]})
     );
 
-    let metrics = reqwest::get(app.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     for name in [
         "roomhub_connections 1",
         "roomhub_rooms 1",

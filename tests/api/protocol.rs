@@ -94,15 +94,7 @@ async fn bad_frames_get_the_right_error_code_and_the_connection_stays_open() {
     // Still healthy.
     let pong = c.request(json!({"type": "ping"})).await;
     assert_eq!(pong["type"], "pong");
-    let (_, metrics) = (
-        0,
-        reqwest::get(app.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
+    let (_, metrics) = (0, app.metrics().await);
     assert!(
         metrics.contains(r#"roomhub_errors_total{code="invalid_json"} 2"#),
         "{metrics}"

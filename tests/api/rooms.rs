@@ -50,12 +50,7 @@ async fn messages_reach_every_member_with_contiguous_offsets_in_one_order() {
         }
         assert_eq!(seen, expected);
     }
-    let metrics = reqwest::get(app.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("roomhub_messages_published_total 500"),
         "{metrics}"
@@ -277,12 +272,7 @@ async fn idle_empty_rooms_stop_and_start_again_on_demand() {
         assert!(tokio::time::Instant::now() < deadline, "{rooms}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let metrics = reqwest::get(app.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(metrics.contains("roomhub_rooms 0"), "{metrics}");
     // Joining again starts it from its log.
     let joined = c.join("brief").await;
