@@ -28,6 +28,13 @@ use std::time::Duration;
 pub const ABUSE_THRESHOLD: u32 = 50;
 pub const ABUSE_WINDOW: Duration = Duration::from_secs(10);
 
+/// Joins (and history reads of rooms not joined) a connection may make per
+/// second, after a burst of at least [`JOIN_BURST`]: each may start a room
+/// actor, so churning through room names must not be free. An addition to
+/// CONFIG's limits, fixed rather than configurable.
+pub const JOINS_PER_SEC: u32 = 10;
+pub const JOIN_BURST: u32 = 64;
+
 fn nonzero(n: u32) -> NonZeroU32 {
     NonZeroU32::new(n.max(1)).expect("at least 1")
 }
@@ -46,6 +53,12 @@ impl FrameLimiter<DefaultClock> {
             limits.publish_burst,
             DefaultClock::default(),
         )
+    }
+
+    /// The join bucket: every room of `max_rooms_per_connection` can be joined at once.
+    pub fn joins(limits: &LimitSettings) -> Self {
+        let burst = JOIN_BURST.max(limits.max_rooms_per_connection.min(u32::MAX as usize) as u32);
+        Self::per_second(JOINS_PER_SEC, burst, DefaultClock::default())
     }
 
     /// Counts rejected frames: [`ABUSE_THRESHOLD`] per [`ABUSE_WINDOW`].

@@ -499,16 +499,15 @@ impl RoomActor {
         );
     }
 
-    fn loaded(&mut self, ctx: &mut Context<Self>, snapshot: RoomSnapshot) {
+    /// A room without a log gets a new epoch in memory; the log (and the
+    /// epoch with it) is written with its first message, so joining rooms
+    /// that never see a message leaves nothing on disk. An epoch that was
+    /// never written covered no messages, so losing it in a restart costs a
+    /// resuming client nothing.
+    fn loaded(&mut self, snapshot: RoomSnapshot) {
         let window_ms = self.settings().history.dedup_window_secs * 1000;
-        match snapshot.epoch {
-            Some(epoch) => self.log = Some(LogState::from_snapshot(snapshot, epoch, window_ms)),
-            None => {
-                let epoch = new_epoch();
-                self.log = Some(LogState::from_snapshot(snapshot, epoch, window_ms));
-                self.write(ctx, vec![WriteOp::CreateLog { epoch }], None);
-            }
-        }
+        let epoch = snapshot.epoch.unwrap_or_else(new_epoch);
+        self.log = Some(LogState::from_snapshot(snapshot, epoch, window_ms));
     }
 }
 
@@ -524,7 +523,7 @@ impl Actor for RoomActor {
         // `wait`: no message is handled before the log is loaded.
         ctx.wait(load.into_actor(self).map(|result, act, ctx| {
             match result.unwrap_or(Err(StoreError::Closed)) {
-                Ok(snapshot) => act.loaded(ctx, snapshot),
+                Ok(snapshot) => act.loaded(snapshot),
                 Err(error) => act.fail(ctx, error),
             }
         }));

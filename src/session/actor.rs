@@ -40,6 +40,8 @@ pub struct WsSession {
     state: Arc<AppState>,
     /// publish + typing + direct.
     publish_limiter: FrameLimiter,
+    /// join, and history of rooms not joined.
+    join_limiter: FrameLimiter,
     /// Rejected frames; running out closes the connection with 1008.
     abuse: FrameLimiter,
     ledger: OutboundLedger,
@@ -72,6 +74,7 @@ impl WsSession {
             user: identity.user.clone(),
             identity,
             publish_limiter: FrameLimiter::publishes(limits),
+            join_limiter: FrameLimiter::joins(limits),
             abuse: FrameLimiter::abuse(),
             ledger: OutboundLedger::new(limits.outbound_queue),
             _permit: permit,
@@ -174,7 +177,27 @@ impl WsSession {
         ctx: &mut ws::WebsocketContext<Self>,
         reference: Option<&str>,
     ) -> bool {
-        match self.publish_limiter.check() {
+        let checked = self.publish_limiter.check();
+        self.rate_verdict(checked, ctx, reference)
+    }
+
+    /// Takes a token for a join (or a history read of a room not joined).
+    fn within_join_rate(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        reference: Option<&str>,
+    ) -> bool {
+        let checked = self.join_limiter.check();
+        self.rate_verdict(checked, ctx, reference)
+    }
+
+    fn rate_verdict(
+        &mut self,
+        checked: Result<(), Duration>,
+        ctx: &mut ws::WebsocketContext<Self>,
+        reference: Option<&str>,
+    ) -> bool {
+        match checked {
             Ok(()) => true,
             Err(wait) => {
                 self.state.metrics.rate_limited.inc();
@@ -361,6 +384,9 @@ impl WsSession {
             let message = format!("at most {limit} rooms per connection");
             return self.send_error(ctx, reference.as_deref(), ErrorCode::RoomLimit, &message);
         }
+        if !self.within_join_rate(ctx, reference.as_deref()) {
+            return;
+        }
         let join = Join {
             session: self.id,
             user: self.user.clone(),
@@ -406,6 +432,9 @@ impl WsSession {
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
         if !self.allowed(&room, reference.as_deref(), ctx) {
+            return;
+        }
+        if !self.rooms.contains_key(&room) && !self.within_join_rate(ctx, reference.as_deref()) {
             return;
         }
         let addr = match self.rooms.get(&room) {

@@ -109,7 +109,6 @@ impl HistoryStore for MemoryStore {
             log.epoch = batch.epoch;
             for op in batch.ops {
                 match op {
-                    WriteOp::CreateLog { epoch } => log.epoch = epoch,
                     WriteOp::Append { message, key } => {
                         if let Some(key) = key {
                             log.keys.insert(key, (message.offset, message.ts));

@@ -52,8 +52,8 @@ pub struct DedupEntry {
 /// What a room actor needs to start serving: its log's state and newest messages.
 #[derive(Debug, Clone)]
 pub struct RoomSnapshot {
-    /// `None`: the room has no log yet; the caller makes an epoch and writes
-    /// [`WriteOp::CreateLog`].
+    /// `None`: the room has no log yet; the caller makes an epoch, which the
+    /// first [`WriteOp::Append`] records with the log.
     pub epoch: Option<u64>,
     /// The newest offset ever assigned (0 if none).
     pub last_offset: u64,
@@ -67,8 +67,6 @@ pub struct RoomSnapshot {
 /// One change to a room's log.
 #[derive(Debug, Clone)]
 pub enum WriteOp {
-    /// Creates the log with its epoch (a room's first write).
-    CreateLog { epoch: u64 },
     /// Appends the next message, remembering its idempotency key if any.
     Append {
         message: EncodedMessage,

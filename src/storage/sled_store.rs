@@ -322,9 +322,6 @@ fn add_to_batch(batch: &mut sled::Batch, write: WriteBatch) {
     let mut last_appended = None;
     for op in write.ops {
         match op {
-            WriteOp::CreateLog { epoch } => {
-                batch.insert(keys::room_meta_key(room), &keys::pair(epoch, 0))
-            }
             WriteOp::Append { message, key } => {
                 if let Some(key) = key {
                     batch.insert(

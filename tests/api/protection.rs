@@ -478,3 +478,31 @@ async fn a_peer_that_stops_reading_is_cut_off_even_when_its_session_cannot_run()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn churning_through_rooms_is_rate_limited() {
+    let app = TestApp::spawn().await;
+    let mut c = app.connect("user=churner").await;
+    let mut limited = None;
+    for i in 0..200 {
+        let reply = c
+            .request(json!({"type": "join", "room": format!("churn-{i}"), "history": 0}))
+            .await;
+        if reply["type"] == "error" {
+            limited = Some((i, reply));
+            break;
+        }
+        c.request(json!({"type": "leave", "room": format!("churn-{i}")}))
+            .await;
+    }
+    let (i, reply) = limited.expect("joins are rate limited");
+    assert_eq!(reply["code"], "rate_limited");
+    assert!(reply["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0));
+    assert!(i >= 64, "a burst of 64 joins is allowed, got {i}");
+    // History of a room not joined draws from the same bucket; the connection stays open.
+    let reply = c
+        .request(json!({"type": "history", "room": "elsewhere"}))
+        .await;
+    assert_eq!(reply["code"], "rate_limited");
+    assert_eq!(c.request(json!({"type": "ping"})).await["type"], "pong");
+}

@@ -49,7 +49,6 @@ fn conformance(store: &dyn HistoryStore) {
         (fresh.epoch, fresh.last_offset, fresh.first_offset),
         (None, 0, 1)
     );
-    write(store, &room, 77, vec![WriteOp::CreateLog { epoch: 77 }]);
     let ops = (1..=20)
         .map(|o| WriteOp::Append {
             message: message(&room, o, 1000 + o),
