@@ -1,7 +1,7 @@
 //! The HTTP API for backends: stats, rooms, publish, direct, history.
 //! Handlers only check input and ask the room or the directory.
 
-use super::bodies::{DirectBody, PublishBody};
+use super::bodies::{read_body, DirectBody, PublishBody};
 use super::ApiError;
 use crate::protocol::{encode, RoomName, ServerFrame, UserId, MAX_HISTORY_PAGE};
 use crate::room::{HistoryQuery, Publish, PublishReply, RoomError};
@@ -40,6 +40,15 @@ fn room_from(path: &str) -> Result<RoomName, ApiError> {
 
 fn room_error(e: RoomError) -> ApiError {
     ApiError::Internal(e.to_string())
+}
+
+/// The largest POST body: room for the largest `data` and its envelope.
+fn body_limit(state: &AppState) -> usize {
+    state
+        .settings
+        .limits
+        .max_frame_bytes
+        .max(state.settings.limits.max_message_bytes + 4096)
 }
 
 pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
@@ -110,13 +119,14 @@ pub async fn publish_to_room(
     req: HttpRequest,
     state: web::Data<AppState>,
     room: web::Path<String>,
-    body: web::Bytes,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
     if state.is_draining() {
         return Err(ApiError::Draining);
     }
     let room = room_from(&room)?;
+    let body = read_body(payload, body_limit(&state)).await?;
     let PublishBody { data, user, key } =
         PublishBody::parse(&body, state.settings.limits.max_message_bytes)?;
     let user = user.unwrap_or_else(|| UserId::parse(SERVER_USER).expect("a valid user id"));
@@ -153,10 +163,11 @@ pub async fn direct_to_user(
     req: HttpRequest,
     state: web::Data<AppState>,
     user: web::Path<String>,
-    body: web::Bytes,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
     let to = UserId::parse(&user).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let body = read_body(payload, body_limit(&state)).await?;
     let DirectBody { data } = DirectBody::parse(&body, state.settings.limits.max_message_bytes)?;
     let from = UserId::parse(SERVER_USER).expect("a valid user id");
     let frame = ByteString::from(encode(&ServerFrame::Direct {

@@ -9,6 +9,26 @@ use std::collections::HashMap;
 
 type Fields = HashMap<String, Box<RawValue>>;
 
+/// Reads a request body of at most `limit` bytes. A larger one is a bad body
+/// like any other (400 with a JSON error), not actix's plain-text 413.
+pub async fn read_body(
+    mut payload: actix_web::web::Payload,
+    limit: usize,
+) -> Result<Vec<u8>, ApiError> {
+    use futures_util::StreamExt;
+    let mut body = Vec::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("unreadable body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::BadRequest(format!(
+                "the body is over {limit} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 fn fields(body: &[u8]) -> Result<Fields, ApiError> {
     serde_json::from_slice(body)
         .map_err(|_| ApiError::BadRequest("the body must be a JSON object".into()))

@@ -214,6 +214,13 @@ async fn bad_input_gets_400_with_a_json_error_never_500() {
         assert_eq!(status, 400, "{query}");
         assert_eq!(err["error"], "bad_request");
     }
+    // A body over the size limit is a bad body too: 400 with JSON, not a bare 413.
+    let huge = format!(r#"{{"data":"{}"}}"#, "x".repeat(2 << 20));
+    for path in ["/api/rooms/r/messages", "/api/users/u/messages"] {
+        let resp = post(path, &huge).await.unwrap();
+        assert_eq!(resp.status(), 400, "{path}");
+        assert_eq!(resp.json::<Value>().await.unwrap()["error"], "bad_request");
+    }
     let (status, _) = app.get_json("/api/rooms/bad%20room/messages").await;
     assert_eq!(status, 400);
     assert_eq!(
