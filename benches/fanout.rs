@@ -61,6 +61,7 @@ fn fanout(c: &mut Criterion) {
             settings: Arc::new(Settings::default()),
             store: Arc::new(MemoryStore::new()),
             metrics: Metrics::new(),
+            cluster: None,
         })
     });
     for members in [10u64, 1_000, 10_000] {

@@ -7,6 +7,8 @@
 //! - [`storage`]: the history log trait, sled (group commit) and in-memory
 //!   implementations, store-format migrations.
 //! - [`room`]: one actor per room, the only writer of its log; the registry.
+//! - [`cluster`]: cluster mode over NATS: a JetStream stream per room is the
+//!   room's log (offsets, epoch, dedup); presence, typing, directs on core NATS.
 //! - [`outbound`]: the one non-blocking way frames reach sessions.
 //! - [`directory`]: sessions by user, for direct messages and the drain.
 //! - [`session`]: the WebSocket session (the only user of actix-web-actors).
@@ -15,9 +17,11 @@
 //! - [`shutdown`], [`startup`]: the drain, and wiring the app together.
 //! - [`load`]: `roomhub load`, a WebSocket load generator (a client of the hub, not part of it).
 //!
-//! Absent on purpose: sessions never touch the store; rooms never touch sockets.
+//! Absent on purpose: sessions never touch the store or the cluster; rooms
+//! never touch sockets.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod directory;
 pub mod http;

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
 fn serve(settings: Settings) -> ExitCode {
     roomhub::telemetry::init();
     let result = actix_web::rt::System::new().block_on(async move {
-        let app = Application::build(settings)?;
+        let app = Application::build(settings).await?;
         // A fixed line on stdout that people and test harnesses can wait for.
         println!(
             "roomhub listening on http://{} (node {})",

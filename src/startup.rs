@@ -2,6 +2,7 @@
 //! 0 works: [`Application::local_addr`] tells the port) and runs until the
 //! shutdown future resolves, then drains.
 
+use crate::cluster::Cluster;
 use crate::config::Settings;
 use crate::http;
 use crate::metrics::Metrics;
@@ -22,7 +23,7 @@ pub struct Application {
 }
 
 impl Application {
-    pub fn build(settings: Settings) -> anyhow::Result<Application> {
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         let settings = Arc::new(settings);
         let data_dir = &settings.storage.data_dir;
         let store = Arc::new(
@@ -32,12 +33,27 @@ impl Application {
         let node_id = store
             .node_id(settings.server.node_id.as_deref())
             .context("reading the node id")?;
+        let cluster = match settings.cluster.nats_url.as_str() {
+            "" => None,
+            url => Some(Arc::new(
+                Cluster::connect(&settings, &node_id)
+                    .await
+                    .with_context(|| format!("starting the cluster link to {url}"))?,
+            )),
+        };
         let state = web::Data::new(AppState::new(
             settings.clone(),
             node_id,
             store.clone() as Arc<dyn HistoryStore>,
             Metrics::new(),
+            cluster.clone(),
         ));
+        if let Some(cluster) = cluster {
+            actix_web::rt::spawn(crate::cluster::relay_directs(
+                cluster,
+                state.directory.clone(),
+            ));
+        }
         let listener = TcpListener::bind(settings.server.bind)
             .with_context(|| format!("binding {}", settings.server.bind))?;
         let addr = listener.local_addr()?;
@@ -99,6 +115,10 @@ impl Application {
         handle.stop(true).await;
         let _ = server.await;
         self.store.close().context("flushing the store")?;
+        if let Some(cluster) = &self.state.cluster {
+            // The rooms' last presence updates (everyone left) go out now.
+            cluster.flush().await;
+        }
         tracing::info!("stopped cleanly");
         Ok(())
     }

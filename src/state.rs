@@ -1,6 +1,7 @@
 //! The state every request handler and session shares.
 
 use crate::auth::Authenticator;
+use crate::cluster::{Cluster, DirectRecord};
 use crate::config::Settings;
 use crate::directory::SessionDirectory;
 use crate::limits::IpLimits;
@@ -20,6 +21,8 @@ pub struct AppState {
     pub store: Arc<dyn HistoryStore>,
     pub auth: Authenticator,
     pub ip_limits: IpLimits,
+    /// Present in cluster mode.
+    pub cluster: Option<Arc<Cluster>>,
     pub started: Instant,
     draining: AtomicBool,
     open_sockets: Arc<AtomicUsize>,
@@ -41,15 +44,18 @@ impl AppState {
         node_id: String,
         store: Arc<dyn HistoryStore>,
         metrics: Metrics,
+        cluster: Option<Arc<Cluster>>,
     ) -> Self {
         let registry = RoomRegistry::new(crate::room::RoomContext {
             settings: settings.clone(),
             store: store.clone(),
             metrics: metrics.clone(),
+            cluster: cluster.clone(),
         });
         Self {
             auth: Authenticator::new(&settings.auth),
             ip_limits: IpLimits::new(&settings.limits),
+            cluster,
             settings,
             node_id,
             registry,
@@ -60,6 +66,31 @@ impl AppState {
             draining: AtomicBool::new(false),
             open_sockets: Arc::default(),
         }
+    }
+
+    /// Ready for new connections: not draining, and linked in cluster mode.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.cluster.as_ref().is_none_or(|c| c.is_linked())
+    }
+
+    /// Delivers an encoded `direct` frame to every session of `user` on this
+    /// node and, in cluster mode, on every other node. Returns how many
+    /// sessions on this node took it.
+    pub fn send_direct(
+        &self,
+        user: &crate::protocol::UserId,
+        frame: &bytestring::ByteString,
+    ) -> usize {
+        if let Some(cluster) = &self.cluster {
+            cluster.send_direct(&DirectRecord {
+                node: cluster.node_id().to_owned(),
+                user: user.as_str().to_owned(),
+                frame: frame.to_string(),
+            });
+        }
+        let delivered = self.directory.send_to_user(user, frame);
+        self.metrics.direct_messages.inc_by(delivered as u64);
+        delivered
     }
 
     pub fn is_draining(&self) -> bool {

@@ -39,7 +39,10 @@ fn room_from(path: &str) -> Result<RoomName, ApiError> {
 }
 
 fn room_error(e: RoomError) -> ApiError {
-    ApiError::Internal(e.to_string())
+    match e {
+        RoomError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+        _ => ApiError::Internal(e.to_string()),
+    }
 }
 
 /// The largest POST body: room for the largest `data` and its envelope.
@@ -175,7 +178,6 @@ pub async fn direct_to_user(
         data: &data,
         ts: crate::room::actor::now_ms(),
     }));
-    let delivered = state.directory.send_to_user(&to, &frame);
-    state.metrics.direct_messages.inc_by(delivered as u64);
+    let delivered = state.send_direct(&to, &frame);
     Ok(HttpResponse::Accepted().json(serde_json::json!({ "delivered": delivered })))
 }

@@ -11,6 +11,9 @@ pub async fn healthz() -> HttpResponse {
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     if state.is_draining() {
         HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": "draining" }))
+    } else if !state.is_ready() {
+        HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({ "status": "cluster link down" }))
     } else {
         HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))
     }

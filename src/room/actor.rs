@@ -13,8 +13,11 @@
 //! meet without a gap or a repeat. The thread itself is never blocked.
 
 use super::messages::*;
+use super::presence::{Change, Presence};
 use super::registry::{RoomContext, RoomRegistry, RoomStats};
-use crate::outbound::{error_frame, offer, Offer, Outbound};
+use super::replica::{self, Synced};
+use crate::cluster::{ClusterError, LogAppender, LogMessage, LogRecord, RoomEvent};
+use crate::outbound::{offer, Offer, Outbound};
 use crate::protocol::server::MessageTag;
 use crate::protocol::{
     encode, EncodedMessage, Message, PresenceEntry, RoomName, ServerFrame, SessionId, UserId,
@@ -22,7 +25,7 @@ use crate::protocol::{
 use crate::storage::{new_epoch, RoomSnapshot, StoreError, Take, WriteBatch, WriteOp};
 use actix::prelude::*;
 use bytestring::ByteString;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -33,6 +36,15 @@ const TAIL_MAX_MESSAGES: usize = 256;
 const TAIL_MAX_BYTES: usize = 1 << 20;
 /// How often a room expires keys and messages and checks whether it is idle.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(1);
+
+/// A message id: 128 random bits, hex.
+fn new_message_id() -> String {
+    format!(
+        "{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
+}
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -155,9 +167,14 @@ pub struct RoomActor {
     stats: Arc<RoomStats>,
     log: Option<LogState>,
     members: HashMap<SessionId, Member>,
-    /// Sessions per user, sorted so presence lists are stable.
-    presence: BTreeMap<UserId, u32>,
+    presence: Presence,
     empty_since: Option<Instant>,
+    /// Cluster mode: appends to the room's cluster log (once caught up).
+    appender: Option<LogAppender>,
+    /// Cluster mode: a catch-up is under way.
+    syncing: bool,
+    /// Cluster mode: when this node last told the others its presence.
+    announced: Instant,
 }
 
 impl RoomActor {
@@ -176,8 +193,11 @@ impl RoomActor {
             stats,
             log: None,
             members: HashMap::new(),
-            presence: BTreeMap::new(),
+            presence: Presence::default(),
             empty_since: Some(Instant::now()),
+            appender: None,
+            syncing: false,
+            announced: Instant::now(),
         }
     }
 
@@ -186,19 +206,13 @@ impl RoomActor {
     }
 
     fn presence_list(&self) -> Vec<PresenceEntry> {
-        self.presence
-            .iter()
-            .map(|(user, &sessions)| PresenceEntry {
-                user: user.clone(),
-                sessions,
-            })
-            .collect()
+        self.presence.list()
     }
 
     fn update_stats(&self) {
         self.stats
             .users
-            .store(self.presence.len(), Ordering::Relaxed);
+            .store(self.presence.local_users(), Ordering::Relaxed);
         self.stats
             .sessions
             .store(self.members.len(), Ordering::Relaxed);
@@ -234,17 +248,45 @@ impl RoomActor {
             return;
         }
         self.empty_since = None;
-        let count = self.presence.entry(user.clone()).or_insert(0);
-        *count += 1;
-        if *count == 1 {
-            let frame = ByteString::from(encode(&ServerFrame::UserJoined {
-                room: &self.name,
-                user: &user,
-            }));
-            self.fan_out(frame, |_, _| true);
+        if let Some(change) = self.presence.add_local(&user) {
+            self.tell_members(change);
         }
         self.members.insert(session, Member { user, outbox });
         self.update_stats();
+        self.announce_presence();
+    }
+
+    /// Tells this node's members that a user came or went (room-wide).
+    fn tell_members(&mut self, change: Change) {
+        let frame = match &change {
+            Change::Joined(user) => encode(&ServerFrame::UserJoined {
+                room: &self.name,
+                user,
+            }),
+            Change::Left(user) => encode(&ServerFrame::UserLeft {
+                room: &self.name,
+                user,
+            }),
+        };
+        self.fan_out(ByteString::from(frame), |_, _| true);
+    }
+
+    /// Cluster mode: tells the other nodes who is here on this node.
+    fn announce_presence(&mut self) {
+        let Some(cluster) = &self.context.cluster else {
+            return;
+        };
+        if self.log.is_none() {
+            return;
+        }
+        cluster.send_room_event(
+            &self.name,
+            &RoomEvent::Presence {
+                node: cluster.node_id().to_owned(),
+                users: self.presence.local_counts(),
+            },
+        );
+        self.announced = Instant::now();
     }
 
     fn remove_member(&mut self, session: SessionId) {
@@ -257,31 +299,26 @@ impl RoomActor {
     /// (or counted as evicted) twice.
     fn drop_members(&mut self, sessions: Vec<(SessionId, bool)>) {
         let mut gone = Vec::new();
+        let mut removed = false;
         for (session, evicted) in sessions {
             let Some(member) = self.members.remove(&session) else {
                 continue;
             };
+            removed = true;
             if evicted {
                 self.context.metrics.slow_consumer_disconnects.inc();
             }
-            if let Some(count) = self.presence.get_mut(&member.user) {
-                *count -= 1;
-                if *count == 0 {
-                    self.presence.remove(&member.user);
-                    gone.push(member.user);
-                }
-            }
+            gone.extend(self.presence.remove_local(&member.user));
         }
         if self.members.is_empty() {
             self.empty_since = Some(Instant::now());
         }
         self.update_stats();
-        for user in gone {
-            let frame = ByteString::from(encode(&ServerFrame::UserLeft {
-                room: &self.name,
-                user: &user,
-            }));
-            self.fan_out(frame, |_, _| true);
+        for change in gone {
+            self.tell_members(change);
+        }
+        if removed {
+            self.announce_presence();
         }
     }
 
@@ -335,39 +372,19 @@ impl RoomActor {
     }
 
     fn reply_ack(&self, reply: PublishReply, offset: u64) {
-        match reply {
-            PublishReply::Session {
-                outbox, reference, ..
-            } => {
-                let frame = encode(&ServerFrame::Ack {
-                    reference: reference.as_deref(),
-                    offset: Some(offset),
-                });
-                offer(&outbox, Outbound::Frame(frame.into()));
-            }
-            PublishReply::Api(tx) => {
-                let _ = tx.send(Ok(offset));
-            }
-        }
+        reply.ack(offset);
     }
 
     fn reply_error(&self, reply: PublishReply, error: RoomError) {
-        match reply {
-            PublishReply::Session {
-                outbox, reference, ..
-            } => {
-                let frame = error_frame(
-                    &self.context.metrics,
-                    reference.as_deref(),
-                    error.code(),
-                    &error.to_string(),
-                    None,
-                );
-                offer(&outbox, Outbound::Frame(frame));
-            }
-            PublishReply::Api(tx) => {
-                let _ = tx.send(Err(error));
-            }
+        reply.fail(&self.context.metrics, error);
+    }
+
+    /// Why the room cannot answer yet: its log is not loaded (standalone),
+    /// or not caught up with the cluster log (cluster).
+    fn not_ready(&self) -> RoomError {
+        match self.context.cluster {
+            Some(_) => RoomError::Unavailable(ClusterError::LinkDown),
+            None => RoomError::Restarting,
         }
     }
 
@@ -386,13 +403,19 @@ impl RoomActor {
                 self.reply_error(reply, RoomError::Store(error.clone()));
             }
         }
+        self.close(ctx);
+    }
+
+    /// Drops every member (each is told, and may join again) and stops; the
+    /// next use of the room starts it afresh from what is stored.
+    fn close(&mut self, ctx: &mut Context<Self>) {
         for member in self.members.values() {
             member
                 .outbox
                 .do_send(Outbound::RoomClosed(self.name.clone()));
         }
         self.members.clear();
-        self.presence.clear();
+        self.presence.clear_local();
         self.update_stats();
         self.registry.remove(&self.name, self.generation);
         ctx.stop();
@@ -407,6 +430,9 @@ impl RoomActor {
                 ctx.stop();
                 return;
             }
+        }
+        if self.context.cluster.is_some() {
+            self.maintain_cluster(ctx);
         }
         let Some(log) = self.log.as_mut() else { return };
         let now = now_ms();
@@ -425,6 +451,173 @@ impl RoomActor {
             self.write(ctx, vec![WriteOp::ForgetKeys(expired)], None);
         }
         self.expire_messages(ctx, now);
+    }
+
+    /// Cluster mode: retries a failed catch-up, forgets the presence of nodes
+    /// gone silent, and refreshes this node's presence for the others.
+    fn maintain_cluster(&mut self, ctx: &mut Context<Self>) {
+        if self.log.is_none() {
+            if !self.syncing {
+                self.start_sync(ctx);
+            }
+            return;
+        }
+        let heartbeat = &self.context.settings.heartbeat;
+        let (timeout, interval) = (
+            Duration::from_millis(heartbeat.timeout_ms),
+            Duration::from_millis(heartbeat.interval_ms),
+        );
+        if let Some(cutoff) = Instant::now().checked_sub(timeout) {
+            let changes = self.presence.expire_remote(cutoff);
+            if !changes.is_empty() {
+                for change in changes {
+                    self.tell_members(change);
+                }
+                self.update_stats();
+            }
+        }
+        if self.presence.local_users() > 0 && self.announced.elapsed() >= interval {
+            self.announce_presence();
+        }
+    }
+
+    /// Cluster mode: catches up with the room's cluster log; the mailbox
+    /// waits meanwhile, so nothing is answered from a log that is behind.
+    fn start_sync(&mut self, ctx: &mut Context<Self>) {
+        let Some(cluster) = self.context.cluster.clone() else {
+            return;
+        };
+        self.syncing = true;
+        let catch_up = replica::catch_up(
+            self.context.clone(),
+            cluster,
+            self.name.clone(),
+            TAIL_MAX_MESSAGES,
+        );
+        ctx.wait(catch_up.into_actor(self).map(|result, act, ctx| {
+            act.syncing = false;
+            match result {
+                Ok(synced) => act.synced(ctx, synced),
+                Err(error) => {
+                    tracing::warn!(room = %act.name, %error, "room not caught up with the cluster; retrying")
+                }
+            }
+        }));
+    }
+
+    fn synced(&mut self, ctx: &mut Context<Self>, synced: Synced) {
+        let Some(cluster) = self.context.cluster.clone() else {
+            return;
+        };
+        let Synced {
+            snapshot,
+            caught_up,
+            follow,
+            events,
+        } = synced;
+        self.loaded(snapshot);
+        if let Some(log) = self.log.as_mut() {
+            for message in caught_up {
+                log.durable = message.offset;
+                log.last_assigned = message.offset;
+                log.push_tail(message);
+            }
+        }
+        ctx.add_stream(follow);
+        ctx.add_stream(events);
+        self.appender = Some(cluster.appender(&self.name));
+        cluster.send_room_event(
+            &self.name,
+            &RoomEvent::Sync {
+                node: cluster.node_id().to_owned(),
+            },
+        );
+        self.announce_presence();
+    }
+
+    /// Cluster mode: a record of the room's cluster log, in log order.
+    fn apply(&mut self, ctx: &mut Context<Self>, message: EncodedMessage) {
+        let Some(log) = self.log.as_mut() else { return };
+        // A repeat: the ordered consumer re-delivers after re-creating itself.
+        if message.offset <= log.last_assigned {
+            return;
+        }
+        let mut ops = Vec::new();
+        if message.offset > log.last_assigned + 1 {
+            // Pruned from the cluster log before this node saw them.
+            if log.first_retained <= log.last_assigned {
+                ops.push(WriteOp::Prune {
+                    from: log.first_retained,
+                    to: log.last_assigned + 1,
+                });
+            }
+            log.forget_before(message.offset);
+        }
+        log.last_assigned = message.offset;
+        self.append(ctx, ops, message, None, None);
+    }
+
+    /// Queues an offset-assigned message for the store (pruning to
+    /// `history.max_per_room`); it is fanned out once durable.
+    fn append(
+        &mut self,
+        ctx: &mut Context<Self>,
+        mut ops: Vec<WriteOp>,
+        message: EncodedMessage,
+        key: Option<String>,
+        reply: Option<PublishReply>,
+    ) {
+        let max_per_room = self.settings().history.max_per_room;
+        let Some(log) = self.log.as_mut() else { return };
+        let offset = message.offset;
+        ops.push(WriteOp::Append {
+            message: message.clone(),
+            key,
+        });
+        if offset + 1 - log.first_retained > max_per_room {
+            let keep_from = offset + 1 - max_per_room;
+            ops.push(WriteOp::Prune {
+                from: log.first_retained,
+                to: keep_from,
+            });
+            log.forget_before(keep_from);
+        }
+        log.unpersisted.push_back(Pending { message, reply });
+        self.write(ctx, ops, Some(offset));
+    }
+
+    /// Cluster mode: hands a publish to the cluster log; the ack comes with
+    /// JetStream's, the fan-out when the record comes back in log order.
+    fn publish_to_cluster(&mut self, msg: Publish) {
+        let (Some(cluster), Some(appender)) = (&self.context.cluster, &self.appender) else {
+            return self.reply_error(msg.reply, self.not_ready());
+        };
+        if !cluster.is_linked() {
+            return self.reply_error(msg.reply, RoomError::Unavailable(ClusterError::LinkDown));
+        }
+        let id = new_message_id();
+        let record = LogRecord {
+            id: &id,
+            user: msg.user.as_str(),
+            data: &msg.data,
+            ts: now_ms(),
+        };
+        let payload = match serde_json::to_vec(&record) {
+            Ok(payload) => payload,
+            Err(e) => {
+                let error = RoomError::Unavailable(ClusterError::Log(e.to_string()));
+                return self.reply_error(msg.reply, error);
+            }
+        };
+        let (reply, metrics) = (msg.reply, self.context.metrics.clone());
+        appender.append(
+            payload,
+            msg.key,
+            Box::new(move |result| match result {
+                Ok(offset) => reply.ack(offset),
+                Err(error) => reply.fail(&metrics, RoomError::Unavailable(error)),
+            }),
+        );
     }
 
     /// Prunes messages older than `history.ttl_secs`.
@@ -518,6 +711,10 @@ impl Actor for RoomActor {
         // Rooms take a burst of publishes from many sessions; their senders use
         // `do_send`, so this only sizes the channel's first allocation.
         ctx.set_mailbox_capacity(1024);
+        ctx.run_interval(MAINTENANCE_EVERY, |act, ctx| act.maintain(ctx));
+        if self.context.cluster.is_some() {
+            return self.start_sync(ctx);
+        }
         let (store, room) = (self.context.store.clone(), self.name.clone());
         let load = tokio::task::spawn_blocking(move || store.load_room(&room, TAIL_MAX_MESSAGES));
         // `wait`: no message is handled before the log is loaded.
@@ -527,7 +724,6 @@ impl Actor for RoomActor {
                 Err(error) => act.fail(ctx, error),
             }
         }));
-        ctx.run_interval(MAINTENANCE_EVERY, |act, ctx| act.maintain(ctx));
     }
 }
 
@@ -536,7 +732,7 @@ impl Handler<Join> for RoomActor {
 
     fn handle(&mut self, msg: Join, _ctx: &mut Context<Self>) -> Self::Result {
         let Some(log) = &self.log else {
-            return AtomicResponse::new(Box::pin(fut::ready(Err(RoomError::Restarting))));
+            return AtomicResponse::new(Box::pin(fut::ready(Err(self.not_ready()))));
         };
         let (epoch, durable, first) = (log.epoch, log.durable, log.first_retained);
         // Resume only within this epoch, from a point we have reached, with
@@ -596,8 +792,10 @@ impl Handler<Publish> for RoomActor {
                 return self.reply_error(msg.reply, RoomError::NotJoined);
             }
         }
+        if self.context.cluster.is_some() {
+            return self.publish_to_cluster(msg);
+        }
         let window_ms = self.settings().history.dedup_window_secs * 1000;
-        let max_per_room = self.settings().history.max_per_room;
         let Some(log) = self.log.as_mut() else {
             return self.reply_error(msg.reply, RoomError::Restarting);
         };
@@ -614,11 +812,7 @@ impl Handler<Publish> for RoomActor {
         }
         let offset = log.last_assigned + 1;
         log.last_assigned = offset;
-        let id = format!(
-            "{:016x}{:016x}",
-            rand::random::<u64>(),
-            rand::random::<u64>()
-        );
+        let id = new_message_id();
         let message = Message {
             kind: MessageTag,
             room: &self.name,
@@ -632,24 +826,81 @@ impl Handler<Publish> for RoomActor {
         if let Some(key) = &msg.key {
             log.keys.insert(key.clone(), (offset, now));
         }
-        let mut ops = vec![WriteOp::Append {
-            message: message.clone(),
-            key: msg.key,
-        }];
-        if offset + 1 - log.first_retained > max_per_room {
-            let keep_from = offset + 1 - max_per_room;
-            ops.push(WriteOp::Prune {
-                from: log.first_retained,
-                to: keep_from,
-            });
-            log.forget_before(keep_from);
-        }
-        log.unpersisted.push_back(Pending {
-            message,
-            reply: Some(msg.reply),
-        });
-        self.write(ctx, ops, Some(offset));
+        self.append(ctx, Vec::new(), message, msg.key, Some(msg.reply));
     }
+}
+
+/// Cluster mode: the room's log, in order, from JetStream.
+impl StreamHandler<LogMessage> for RoomActor {
+    fn handle(&mut self, item: LogMessage, ctx: &mut Context<Self>) {
+        let record = match item {
+            Ok(record) => record,
+            Err(error) => {
+                return tracing::warn!(room = %self.name, %error, "cluster log delivery");
+            }
+        };
+        let Ok(seq) = record.info().map(|info| info.stream_sequence) else {
+            return tracing::warn!(room = %self.name, "a cluster record without JetStream info");
+        };
+        match LogRecord::decode(&record.payload).and_then(|r| r.to_message(&self.name, seq)) {
+            Ok(message) => self.apply(ctx, message),
+            Err(error) => {
+                tracing::warn!(room = %self.name, seq, %error, "skipped a cluster record")
+            }
+        }
+    }
+
+    /// The ordered consumer gave up (it retries through link losses, so this
+    /// is rare): catch up again from what is stored.
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        tracing::warn!(room = %self.name, "cluster log ended; catching up again");
+        self.close(ctx);
+    }
+}
+
+/// Cluster mode: presence and typing from the other nodes in the room.
+impl StreamHandler<async_nats::Message> for RoomActor {
+    fn handle(&mut self, event: async_nats::Message, _ctx: &mut Context<Self>) {
+        let Ok(event) = serde_json::from_slice::<RoomEvent>(&event.payload) else {
+            return tracing::warn!(room = %self.name, "ignored a malformed cluster event");
+        };
+        let Some(cluster) = self.context.cluster.clone() else {
+            return;
+        };
+        if event.node() == cluster.node_id() {
+            return;
+        }
+        match event {
+            RoomEvent::Presence { node, users } => {
+                let users = users
+                    .into_iter()
+                    .filter_map(|(user, n)| UserId::parse(&user).ok().map(|u| (u, n)))
+                    .collect();
+                for change in self.presence.set_remote(&node, users, Instant::now()) {
+                    self.tell_members(change);
+                }
+                self.update_stats();
+            }
+            RoomEvent::Sync { .. } => {
+                if self.presence.local_users() > 0 {
+                    self.announce_presence();
+                }
+            }
+            RoomEvent::Typing { user, active, .. } => {
+                let Ok(user) = UserId::parse(&user) else {
+                    return;
+                };
+                let frame = ByteString::from(encode(&ServerFrame::Typing {
+                    room: &self.name,
+                    user: &user,
+                    active,
+                }));
+                self.fan_out(frame, |_, member| member.user != user);
+            }
+        }
+    }
+
+    fn finished(&mut self, _ctx: &mut Context<Self>) {}
 }
 
 impl Handler<Persisted> for RoomActor {
@@ -726,6 +977,16 @@ impl Handler<Typing> for RoomActor {
             active: msg.active,
         }));
         self.fan_out(frame, |_, member| member.user != user);
+        if let Some(cluster) = &self.context.cluster {
+            cluster.send_room_event(
+                &self.name,
+                &RoomEvent::Typing {
+                    node: cluster.node_id().to_owned(),
+                    user: user.as_str().to_owned(),
+                    active: msg.active,
+                },
+            );
+        }
     }
 }
 
@@ -750,7 +1011,7 @@ impl Handler<HistoryQuery> for RoomActor {
 
     fn handle(&mut self, msg: HistoryQuery, _ctx: &mut Context<Self>) -> Self::Result {
         let Some(log) = &self.log else {
-            return Box::pin(fut::ready(Err(RoomError::Restarting)));
+            return Box::pin(fut::ready(Err(self.not_ready())));
         };
         let epoch = log.epoch;
         let query = match msg.after {

@@ -1,7 +1,9 @@
 //! The messages a room actor accepts. Fields are named and documented; this
 //! is the whole session ↔ room interface.
 
-use crate::outbound::Outbound;
+use crate::metrics::Metrics;
+use crate::outbound::{error_frame, offer, Outbound};
+use crate::protocol::{encode, ServerFrame};
 use crate::protocol::{EncodedMessage, ErrorCode, SessionId, Since, UserId};
 use crate::storage::StoreError;
 use actix::{Message, Recipient};
@@ -17,6 +19,8 @@ pub enum RoomError {
     Store(#[from] StoreError),
     #[error("the room is restarting; try again")]
     Restarting,
+    #[error("not committed: {0}")]
+    Unavailable(#[from] crate::cluster::ClusterError),
 }
 
 impl RoomError {
@@ -24,6 +28,7 @@ impl RoomError {
         match self {
             RoomError::NotJoined => ErrorCode::NotJoined,
             RoomError::Store(_) | RoomError::Restarting => ErrorCode::Internal,
+            RoomError::Unavailable(_) => ErrorCode::Unavailable,
         }
     }
 }
@@ -61,6 +66,45 @@ pub enum PublishReply {
     },
     /// The HTTP API: the offset once durable.
     Api(oneshot::Sender<Result<u64, RoomError>>),
+}
+
+impl PublishReply {
+    pub fn ack(self, offset: u64) {
+        match self {
+            PublishReply::Session {
+                outbox, reference, ..
+            } => {
+                let frame = encode(&ServerFrame::Ack {
+                    reference: reference.as_deref(),
+                    offset: Some(offset),
+                });
+                offer(&outbox, Outbound::Frame(frame.into()));
+            }
+            PublishReply::Api(tx) => {
+                let _ = tx.send(Ok(offset));
+            }
+        }
+    }
+
+    pub fn fail(self, metrics: &Metrics, error: RoomError) {
+        match self {
+            PublishReply::Session {
+                outbox, reference, ..
+            } => {
+                let frame = error_frame(
+                    metrics,
+                    reference.as_deref(),
+                    error.code(),
+                    &error.to_string(),
+                    None,
+                );
+                offer(&outbox, Outbound::Frame(frame));
+            }
+            PublishReply::Api(tx) => {
+                let _ = tx.send(Err(error));
+            }
+        }
+    }
 }
 
 /// Stores and fans out one message. Sessions must be members.

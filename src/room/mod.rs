@@ -11,7 +11,9 @@
 
 pub mod actor;
 pub mod messages;
+mod presence;
 pub mod registry;
+mod replica;
 
 pub use actor::RoomActor;
 pub use messages::*;

@@ -23,6 +23,8 @@ pub struct RoomContext {
     pub settings: Arc<Settings>,
     pub store: Arc<dyn HistoryStore>,
     pub metrics: Metrics,
+    /// Present in cluster mode: the room's log is then the cluster's.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// Counts a room keeps current for `/api/rooms` without a round trip.

@@ -300,8 +300,7 @@ impl WsSession {
                     data: &data,
                     ts: crate::room::actor::now_ms(),
                 }));
-                let delivered = self.state.directory.send_to_user(&to, &frame);
-                self.state.metrics.direct_messages.inc_by(delivered as u64);
+                self.state.send_direct(&to, &frame);
                 self.ack(ctx, r);
             }
             ClientFrame::Ping => self.write(ctx, encode(&ServerFrame::Pong { reference: r })),

@@ -1,11 +1,13 @@
 //! One integration test binary; a module per feature, sharing `helpers`.
 
+mod cluster;
 mod codec_props;
 mod config;
 mod helpers;
 mod history;
 mod http_api;
 mod load_tool;
+mod nats;
 mod persistence;
 mod protection;
 mod protocol;
