@@ -69,6 +69,12 @@ impl Application {
         .on_connect(|conn, data| {
             use std::os::fd::AsRawFd;
             if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+                // Frames are small and written as they come: with Nagle on, a
+                // frame written while the previous one is unacknowledged waits
+                // for the peer's delayed ACK (40 ms on Linux).
+                if let Err(error) = tcp.set_nodelay(true) {
+                    tracing::debug!(%error, "TCP_NODELAY not set");
+                }
                 data.insert(crate::session::Connection::new(tcp.as_raw_fd()));
             }
         })

@@ -39,8 +39,13 @@ pub const MAX_DURATION_SECS: u64 = 3600;
 #[derive(clap::Args, Debug, Clone)]
 pub struct LoadArgs {
     /// The hub's WebSocket address (`/ws` is added when no path is given).
+    /// Several, comma-separated (cluster nodes): clients take them in turn.
     #[arg(long, default_value = "ws://127.0.0.1:8080")]
     pub url: String,
+    /// Publishers connect here instead (e.g. another cluster node than the
+    /// subscribers', to measure cross-node latency).
+    #[arg(long)]
+    pub publish_url: Option<String>,
     /// Connections in all, spread evenly over the rooms (at most 100 000).
     #[arg(long, default_value_t = 100)]
     pub clients: usize,
@@ -133,10 +138,24 @@ pub fn run(args: LoadArgs) -> ExitCode {
         eprintln!("roomhub load: {e}");
         return ExitCode::from(2);
     }
-    let target = match parse_url(&args.url) {
-        Ok(target) => target,
+    let targets = match args.url.split(',').map(parse_url).collect() {
+        Ok(targets) => Targets {
+            all: targets,
+            publish: None,
+        },
         Err(e) => {
             eprintln!("roomhub load: --url: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let targets = match args.publish_url.as_deref().map(parse_url) {
+        None => targets,
+        Some(Ok(publish)) => Targets {
+            publish: Some(Arc::new(publish)),
+            ..targets
+        },
+        Some(Err(e)) => {
+            eprintln!("roomhub load: --publish-url: {e}");
             return ExitCode::from(2);
         }
     };
@@ -158,7 +177,7 @@ pub fn run(args: LoadArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run_load(args.clone(), target));
+    let result = runtime.block_on(run_load(args.clone(), targets));
     // Clients still closing are not waited for.
     runtime.shutdown_timeout(Duration::from_millis(500));
     match result {
@@ -333,8 +352,14 @@ fn progress(json: bool, line: &str) {
     }
 }
 
-async fn run_load(args: LoadArgs, target: Target) -> anyhow::Result<Summary> {
-    let target = Arc::new(target);
+/// Where clients connect: in turn over `all`, publishers to `publish` if set.
+struct Targets {
+    all: Vec<Target>,
+    publish: Option<Arc<Target>>,
+}
+
+async fn run_load(args: LoadArgs, targets: Targets) -> anyhow::Result<Summary> {
+    let all: Vec<Arc<Target>> = targets.all.into_iter().map(Arc::new).collect();
     let shared = Arc::new(Shared::new(args.rooms));
     let gate = Arc::new(Semaphore::new(args.connect_concurrency));
     let names: Vec<Arc<str>> = (0..args.rooms)
@@ -360,6 +385,10 @@ async fn run_load(args: LoadArgs, target: Target) -> anyhow::Result<Summary> {
             starts.push(tx);
             rx
         });
+        let target = match (&targets.publish, publishes) {
+            (Some(publish), true) => publish.clone(),
+            _ => all[index % all.len()].clone(),
+        };
         let spec = ClientSpec {
             index,
             room,
@@ -370,7 +399,7 @@ async fn run_load(args: LoadArgs, target: Target) -> anyhow::Result<Summary> {
         let permit = gate.clone().acquire_owned().await?;
         handles.push(tokio::spawn(client::run(
             spec,
-            target.clone(),
+            target,
             shared.clone(),
             Control { start, stop },
             permit,

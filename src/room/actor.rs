@@ -175,7 +175,14 @@ pub struct RoomActor {
     syncing: bool,
     /// Cluster mode: when this node last told the others its presence.
     announced: Instant,
+    /// Cluster mode: joins resuming from an offset not applied here yet.
+    parked_joins: Vec<(Instant, Join, JoinReply)>,
 }
+
+type JoinReply = tokio::sync::oneshot::Sender<Result<ByteString, RoomError>>;
+
+/// The longest a resuming join waits for this node to reach its offset.
+const PARKED_JOIN_WAIT: Duration = Duration::from_secs(3);
 
 impl RoomActor {
     pub(crate) fn new(
@@ -198,6 +205,7 @@ impl RoomActor {
             appender: None,
             syncing: false,
             announced: Instant::now(),
+            parked_joins: Vec::new(),
         }
     }
 
@@ -424,7 +432,11 @@ impl RoomActor {
     fn maintain(&mut self, ctx: &mut Context<Self>) {
         let settings = self.context.settings.clone();
         if let Some(idle) = self.empty_since {
-            let quiet = self.log.as_ref().is_none_or(|l| l.unpersisted.is_empty());
+            let quiet = self.parked_joins.is_empty()
+                && self
+                    .log
+                    .as_ref()
+                    .is_none_or(|l| l.unpersisted.is_empty() && l.waiting_acks.is_empty());
             if quiet && idle.elapsed() >= Duration::from_millis(settings.rooms.idle_timeout_ms) {
                 self.registry.remove(&self.name, self.generation);
                 ctx.stop();
@@ -479,6 +491,7 @@ impl RoomActor {
         if self.presence.local_users() > 0 && self.announced.elapsed() >= interval {
             self.announce_presence();
         }
+        self.release_parked_joins(ctx);
     }
 
     /// Cluster mode: catches up with the room's cluster log; the mailbox
@@ -588,7 +601,7 @@ impl RoomActor {
 
     /// Cluster mode: hands a publish to the cluster log; the ack comes with
     /// JetStream's, the fan-out when the record comes back in log order.
-    fn publish_to_cluster(&mut self, msg: Publish) {
+    fn publish_to_cluster(&mut self, msg: Publish, ctx: &mut Context<Self>) {
         let (Some(cluster), Some(appender)) = (&self.context.cluster, &self.appender) else {
             return self.reply_error(msg.reply, self.not_ready());
         };
@@ -609,12 +622,12 @@ impl RoomActor {
                 return self.reply_error(msg.reply, error);
             }
         };
-        let (reply, metrics) = (msg.reply, self.context.metrics.clone());
+        let (reply, metrics, room) = (msg.reply, self.context.metrics.clone(), ctx.address());
         appender.append(
             payload,
             msg.key,
             Box::new(move |result| match result {
-                Ok(offset) => reply.ack(offset),
+                Ok(offset) => room.do_send(Committed { offset, reply }),
                 Err(error) => reply.fail(&metrics, RoomError::Unavailable(error)),
             }),
         );
@@ -728,11 +741,37 @@ impl Actor for RoomActor {
 }
 
 impl Handler<Join> for RoomActor {
-    type Result = AtomicResponse<Self, Result<ByteString, RoomError>>;
+    type Result = ResponseFuture<Result<ByteString, RoomError>>;
 
-    fn handle(&mut self, msg: Join, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let behind = match (&self.log, &msg.since, &self.context.cluster) {
+            (Some(log), Some(since), Some(_)) => {
+                since.epoch == log.epoch && since.offset > log.durable
+            }
+            _ => false,
+        };
+        if behind {
+            // Cluster mode: the client saw an offset (on another node) that
+            // this node has not applied yet. Answer once it has, so the
+            // resume is exact, or after a bound.
+            self.parked_joins
+                .push((Instant::now() + PARKED_JOIN_WAIT, msg, tx));
+        } else {
+            self.join_now(ctx, msg, tx);
+        }
+        Box::pin(async move { rx.await.unwrap_or(Err(RoomError::Restarting)) })
+    }
+}
+
+impl RoomActor {
+    /// Adds the member and answers with `joined`. The context waits for the
+    /// history read (like `AtomicResponse`), so history and the live messages
+    /// after it meet without a gap or a repeat.
+    fn join_now(&mut self, ctx: &mut Context<Self>, msg: Join, reply: JoinReply) {
         let Some(log) = &self.log else {
-            return AtomicResponse::new(Box::pin(fut::ready(Err(self.not_ready()))));
+            let _ = reply.send(Err(self.not_ready()));
+            return;
         };
         let (epoch, durable, first) = (log.epoch, log.durable, log.first_retained);
         // Resume only within this epoch, from a point we have reached, with
@@ -757,10 +796,9 @@ impl Handler<Join> for RoomActor {
         self.add_member(msg.session, msg.user, msg.outbox);
         let history = self.read(query);
         let reference = msg.reference;
-        AtomicResponse::new(Box::pin(history.into_actor(self).map(
-            move |history, act, _| {
-                let history = history?;
-                let frame = encode(&ServerFrame::Joined {
+        ctx.wait(history.into_actor(self).map(move |history, act, _| {
+            let joined = history.map(|history| {
+                ByteString::from(encode(&ServerFrame::Joined {
                     reference: reference.as_deref(),
                     room: &act.name,
                     epoch,
@@ -768,10 +806,29 @@ impl Handler<Join> for RoomActor {
                     history: &history,
                     recovered: resumable.is_some(),
                     presence: &act.presence_list(),
-                });
-                Ok(ByteString::from(frame))
-            },
-        )))
+                }))
+            });
+            let _ = reply.send(joined.map_err(RoomError::from));
+        }));
+    }
+
+    /// Answers the parked joins this node has caught up with, and those
+    /// that waited long enough (they get the newest messages instead).
+    fn release_parked_joins(&mut self, ctx: &mut Context<Self>) {
+        if self.parked_joins.is_empty() {
+            return;
+        }
+        let durable = self.log.as_ref().map_or(0, |l| l.durable);
+        let now = Instant::now();
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked_joins)
+            .into_iter()
+            .partition(|(deadline, join, _)| {
+                *deadline <= now || join.since.is_none_or(|s| s.offset <= durable)
+            });
+        self.parked_joins = waiting;
+        for (_, join, reply) in ready {
+            self.join_now(ctx, join, reply);
+        }
     }
 }
 
@@ -793,7 +850,7 @@ impl Handler<Publish> for RoomActor {
             }
         }
         if self.context.cluster.is_some() {
-            return self.publish_to_cluster(msg);
+            return self.publish_to_cluster(msg, ctx);
         }
         let window_ms = self.settings().history.dedup_window_secs * 1000;
         let Some(log) = self.log.as_mut() else {
@@ -827,6 +884,28 @@ impl Handler<Publish> for RoomActor {
             log.keys.insert(key.clone(), (offset, now));
         }
         self.append(ctx, Vec::new(), message, msg.key, Some(msg.reply));
+    }
+}
+
+/// Cluster mode: JetStream has stored a publish of this node. The ack waits
+/// until this node's room has it too (durable here, fanned out), so a client
+/// that got its ack finds the message on this node at once (in `history`, in
+/// a `join`), and publishers cannot run ahead of this node's deliveries.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Committed {
+    offset: u64,
+    reply: PublishReply,
+}
+
+impl Handler<Committed> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Committed, _ctx: &mut Context<Self>) {
+        match self.log.as_mut() {
+            Some(log) if msg.offset > log.durable => log.waiting_acks.push((msg.offset, msg.reply)),
+            _ => self.reply_ack(msg.reply, msg.offset),
+        }
     }
 }
 
@@ -961,6 +1040,7 @@ impl Handler<Persisted> for RoomActor {
         for (offset, reply) in acks {
             self.reply_ack(reply, offset);
         }
+        self.release_parked_joins(ctx);
     }
 }
 

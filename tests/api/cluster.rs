@@ -391,3 +391,48 @@ async fn a_draining_node_sends_its_clients_elsewhere_without_loss() {
     assert_eq!(joined["recovered"], true);
     assert_eq!(offsets(&joined["history"]), vec![second]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn resuming_on_a_node_that_is_behind_waits_for_it() {
+    let nats = NatsServer::start();
+    let a = spawn_node(&nats, None, &[]).await;
+    let b = spawn_node(&nats, None, &[]).await;
+    let c = spawn_node(&nats, None, &[]).await;
+    let mut reader = a.connect("user=reader").await;
+    let epoch = reader.join("hop").await["epoch"].clone();
+    let mut writer = c.connect("user=writer").await;
+    writer.join("hop").await;
+    // B follows the room live too, so it may trail A by a little.
+    let mut member = b.connect("user=member").await;
+    member.join("hop").await;
+    tokio::spawn(async move { while member.try_next().await.is_some() {} });
+    for round in 0..8 {
+        let mut hop = b.connect("user=reader").await;
+        for n in 0..100 {
+            writer
+                .send(json!({"type": "publish", "room": "hop", "data": {"r": round, "n": n}}))
+                .await;
+        }
+        // Read on A up to the middle of the burst, then resume on B at once.
+        let seen = loop {
+            let frame = reader.next().await;
+            if frame["type"] == "message" && frame["data"] == json!({"r": round, "n": 50}) {
+                break frame["offset"].as_u64().unwrap();
+            }
+        };
+        let joined = join_since(&mut hop, "hop", &epoch, seen).await;
+        assert_eq!(joined["recovered"], true, "round {round}: {joined}");
+        let resumed = offsets(&joined["history"]);
+        assert!(
+            resumed.first().is_none_or(|&o| o == seen + 1),
+            "round {round}: {resumed:?}"
+        );
+        // Let the burst finish before the next round.
+        loop {
+            let frame = reader.next().await;
+            if frame["type"] == "message" && frame["data"] == json!({"r": round, "n": 99}) {
+                break;
+            }
+        }
+    }
+}
