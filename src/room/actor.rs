@@ -34,6 +34,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 const TAIL_MAX_MESSAGES: usize = 256;
 /// ...and at most this many bytes, so big messages cannot bloat a room.
 const TAIL_MAX_BYTES: usize = 1 << 20;
+/// The most newly durable messages one fan-out hands each member. A node
+/// catching up with the cluster log can have thousands durable at once; in
+/// one go they would fill every session's outbound queue (1013) however fast
+/// its reader, so they go out in groups, one mailbox turn each.
+const MAX_FANOUT_GROUP: usize = 256;
 /// How often a room expires keys and messages and checks whether it is idle.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(1);
 
@@ -995,10 +1000,11 @@ impl Handler<Persisted> for RoomActor {
         let upto = self.durable_signal.upto.load(Ordering::SeqCst);
         let Some(log) = self.log.as_mut() else { return };
         let mut ready = Vec::new();
-        while log
-            .unpersisted
-            .front()
-            .is_some_and(|p| p.message.offset <= upto)
+        while ready.len() < MAX_FANOUT_GROUP
+            && log
+                .unpersisted
+                .front()
+                .is_some_and(|p| p.message.offset <= upto)
         {
             // Checked by the loop condition.
             let pending = log.unpersisted.pop_front().expect("front exists");
@@ -1007,6 +1013,14 @@ impl Handler<Persisted> for RoomActor {
                 log.push_tail(pending.message.clone());
             }
             ready.push(pending);
+        }
+        if log
+            .unpersisted
+            .front()
+            .is_some_and(|p| p.message.offset <= upto)
+        {
+            // The rest in a later turn, after the sessions have had theirs.
+            ctx.address().do_send(Persisted { result: Ok(()) });
         }
         let durable = log.durable;
         let (acks, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut log.waiting_acks)

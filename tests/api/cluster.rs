@@ -436,3 +436,18 @@ async fn resuming_on_a_node_that_is_behind_waits_for_it() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_an_ack_the_node_that_gave_it_serves_the_message() {
+    let nats = NatsServer::start();
+    let a = spawn_node(&nats, None, &[]).await;
+    let _b = spawn_node(&nats, None, &[]).await;
+    let mut writer = a.connect("user=writer").await;
+    writer.join("yours").await;
+    for n in 0..20 {
+        let offset = writer.publish("yours", json!(n)).await;
+        let (status, page) = a.get_json("/api/rooms/yours/messages?limit=1").await;
+        assert_eq!(status, 200);
+        assert_eq!(offsets(&page["messages"]), vec![offset], "publish {n}");
+    }
+}
