@@ -18,6 +18,8 @@ pub struct Metrics {
     pub heartbeat_timeouts: IntCounter,
     pub token_expiries: IntCounter,
     pub stalled_sockets_cut: IntCounter,
+    pub cluster_link_up: IntGauge,
+    pub cluster_link_losses: IntCounter,
     rejected_upgrades: IntCounterVec,
     errors: IntCounterVec,
 }
@@ -100,6 +102,14 @@ impl Metrics {
             stalled_sockets_cut: counter(
                 "roomhub_stalled_sockets_cut_total",
                 "connections shut down because their peer stopped reading",
+            ),
+            cluster_link_up: gauge(
+                "roomhub_cluster_link_up",
+                "1 while this node is linked to NATS (cluster mode), else 0",
+            ),
+            cluster_link_losses: counter(
+                "roomhub_cluster_link_losses_total",
+                "times this node lost its link to NATS",
             ),
             rejected_upgrades,
             errors,

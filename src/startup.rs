@@ -33,10 +33,11 @@ impl Application {
         let node_id = store
             .node_id(settings.server.node_id.as_deref())
             .context("reading the node id")?;
+        let metrics = Metrics::new();
         let cluster = match settings.cluster.nats_url.as_str() {
             "" => None,
             url => Some(Arc::new(
-                Cluster::connect(&settings, &node_id)
+                Cluster::connect(&settings, &node_id, metrics.clone())
                     .await
                     .with_context(|| format!("starting the cluster link to {url}"))?,
             )),
@@ -45,7 +46,7 @@ impl Application {
             settings.clone(),
             node_id,
             store.clone() as Arc<dyn HistoryStore>,
-            Metrics::new(),
+            metrics,
             cluster.clone(),
         ));
         if let Some(cluster) = cluster {

@@ -8,6 +8,7 @@
 use super::records::{DirectRecord, RoomEvent};
 use super::subjects::Subjects;
 use crate::config::Settings;
+use crate::metrics::Metrics;
 use crate::protocol::RoomName;
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::{Client, HeaderMap};
@@ -63,7 +64,11 @@ pub struct Cluster {
 impl Cluster {
     /// Starts the link. It does not wait for NATS: a node may start while
     /// NATS is down, answers `/readyz` 503 and links up when NATS is there.
-    pub async fn connect(settings: &Settings, node_id: &str) -> Result<Cluster, ClusterError> {
+    pub async fn connect(
+        settings: &Settings,
+        node_id: &str,
+        metrics: Metrics,
+    ) -> Result<Cluster, ClusterError> {
         let url = &settings.cluster.nats_url;
         let client = async_nats::ConnectOptions::new()
             .name(format!("roomhub {node_id}"))
@@ -74,8 +79,19 @@ impl Cluster {
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis((100 * attempts as u64).min(1000))
             })
-            .event_callback(|event| async move {
-                tracing::info!(%event, "cluster link");
+            .event_callback(move |event| {
+                let metrics = metrics.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => metrics.cluster_link_up.set(1),
+                        async_nats::Event::Disconnected => {
+                            metrics.cluster_link_up.set(0);
+                            metrics.cluster_link_losses.inc();
+                        }
+                        _ => {}
+                    }
+                    tracing::info!(%event, "cluster link");
+                }
             })
             .connect(url.as_str())
             .await

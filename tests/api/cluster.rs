@@ -297,8 +297,10 @@ async fn without_nats_a_node_is_unready_refuses_publishes_and_heals() {
     let joined = bob.join("outage").await;
     ann.join("outage").await;
     let before = ann.publish("outage", json!("before")).await;
+    assert!(a.metrics().await.contains("roomhub_cluster_link_up 1"));
     nats.stop();
     wait_ready(&a, false).await;
+    assert!(a.metrics().await.contains("roomhub_cluster_link_up 0"));
     let refused = ann
         .request(json!({"type": "publish", "room": "outage", "data": "during"}))
         .await;
@@ -314,6 +316,12 @@ async fn without_nats_a_node_is_unready_refuses_publishes_and_heals() {
     nats.restart();
     wait_ready(&a, true).await;
     wait_ready(&b, true).await;
+    let metrics = a.metrics().await;
+    assert!(metrics.contains("roomhub_cluster_link_up 1"), "{metrics}");
+    assert!(
+        metrics.contains("roomhub_cluster_link_losses_total 1"),
+        "{metrics}"
+    );
     // Connections stayed open; publishing works again and B sees it all, no gaps.
     let deadline = Instant::now() + WAIT;
     let after = loop {
