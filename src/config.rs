@@ -312,6 +312,17 @@ impl Settings {
                 ));
             }
         }
+        let nats_url = self.cluster.nats_url.trim();
+        if !nats_url.is_empty() {
+            for server in nats_url.split(',') {
+                if let Err(e) = server.trim().parse::<async_nats::ServerAddr>() {
+                    return Err((
+                        "cluster.nats_url",
+                        format!("{server:?} is not a NATS server address ({e}); e.g. nats://127.0.0.1:4222"),
+                    ));
+                }
+            }
+        }
         let prefix_ok = !self.cluster.subject_prefix.is_empty()
             && self
                 .cluster
