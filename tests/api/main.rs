@@ -11,4 +11,5 @@ mod protection;
 mod protocol;
 mod rooms;
 mod store;
+mod transport;
 mod web_client;
