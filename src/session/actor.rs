@@ -35,7 +35,7 @@ const JOIN_ATTEMPTS: usize = 3;
 
 /// Client frames handled per wake-up before the session lets its mailbox
 /// (e.g. a drain) and other tasks run, as actix's `StreamHandler` does.
-const FRAMES_PER_POLL: usize = 16;
+const FRAMES_PER_POLL: usize = 64;
 
 /// A text message arriving in fragments, kept until its last fragment.
 enum Fragments {

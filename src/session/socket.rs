@@ -8,9 +8,11 @@
 //!   what is left of a partial frame is kept, so an idle connection holds no
 //!   read buffer.
 //! - Outbound frames are appended to one buffer that grows on demand and is
-//!   freed once the socket has taken all of it. The session sends it once per
-//!   wake-up, so frames that arrive together (a room's group, or several
-//!   mailbox messages) leave in one write.
+//!   given back once the socket has taken all of it (to a few spares per
+//!   worker thread, so busy sessions do not allocate per wake-up and idle
+//!   ones hold none). The session sends it once per wake-up, so frames that
+//!   arrive together (a room's group, or several mailbox messages) leave in
+//!   one write.
 //! - Every frame is counted in the [`OutboundLedger`] until the socket has
 //!   taken its last byte.
 
@@ -33,9 +35,34 @@ const READ_CHUNK: usize = 64 * 1024;
 /// into a reset that could destroy data it has not read yet.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
+/// Spare outbound buffers kept per worker thread, and the largest kept.
+const SPARE_BUFFERS: usize = 32;
+const SPARE_MAX_BYTES: usize = 256 * 1024;
+
 thread_local! {
     /// Every socket on a worker thread reads through this buffer.
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+    static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+}
+
+fn spare_buffer() -> BytesMut {
+    SPARE
+        .with(|spare| spare.borrow_mut().pop())
+        .unwrap_or_default()
+}
+
+fn give_back(mut buffer: BytesMut) {
+    buffer.clear();
+    // An empty buffer reclaims the space before its read position.
+    buffer.reserve(1);
+    if buffer.capacity() <= SPARE_MAX_BYTES {
+        SPARE.with(|spare| {
+            let mut spare = spare.borrow_mut();
+            if spare.len() < SPARE_BUFFERS {
+                spare.push(buffer);
+            }
+        });
+    }
 }
 
 /// A connection cut off because its peer took nothing for the whole timeout.
@@ -106,6 +133,7 @@ impl WsSocket {
 
     /// Makes room for `bytes` more outbound bytes at once.
     pub fn reserve(&mut self, bytes: usize) {
+        self.waiting();
         self.outbound.reserve(bytes);
     }
 
@@ -137,9 +165,14 @@ impl WsSocket {
         Parser::write_close(&mut self.outbound, reason, false);
     }
 
+    /// Before queuing: nothing was waiting, the clock of "no progress"
+    /// starts now, and the buffer comes from the spares.
     fn waiting(&mut self) {
         if self.outbound.is_empty() {
             self.progress_at = Instant::now();
+            if self.outbound.capacity() == 0 {
+                self.outbound = spare_buffer();
+            }
         }
     }
 
@@ -163,7 +196,7 @@ impl WsSocket {
             }
         }
         // All sent: an idle connection keeps no outbound buffer.
-        self.outbound = BytesMut::new();
+        give_back(std::mem::take(&mut self.outbound));
         Poll::Ready(Ok(()))
     }
 
