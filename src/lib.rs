@@ -11,7 +11,8 @@
 //!   room's log (offsets, epoch, dedup); presence, typing, directs on core NATS.
 //! - [`outbound`]: the one non-blocking way frames reach sessions.
 //! - [`directory`]: sessions by user, for direct messages and the drain.
-//! - [`session`]: the WebSocket session (the only user of actix-web-actors).
+//! - [`session`]: the WebSocket session; owns its TCP socket after the upgrade
+//!   (the only code that touches a WebSocket connection).
 //! - [`http`]: the route table: `/ws`, health, metrics, the HTTP API, the web client.
 //! - [`metrics`], [`telemetry`]: Prometheus counters, tracing setup.
 //! - [`shutdown`], [`startup`]: the drain, and wiring the app together.

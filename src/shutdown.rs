@@ -40,7 +40,7 @@ pub async fn drain_sessions(state: &AppState) {
     let grace = Duration::from_millis(state.settings.server.shutdown_grace_ms);
     let deadline = Instant::now() + grace;
     state.directory.tell_all(Outbound::Drain);
-    // A socket is done once the HTTP layer has written its last bytes (the
+    // A socket is done once its session has sent its last bytes (the
     // close frame included) and dropped the connection; a client that stopped
     // reading keeps it until the grace runs out. There is no event to await
     // across the worker threads, so look every few milliseconds.

@@ -8,7 +8,9 @@ use crate::http;
 use crate::metrics::Metrics;
 use crate::state::AppState;
 use crate::storage::{HistoryStore, SledStore};
-use actix_web::{dev::Server, web, App, HttpServer};
+use actix_http::{HttpService, KeepAlive};
+use actix_service::{fn_service, map_config, IntoServiceFactory as _, ServiceFactoryExt as _};
+use actix_web::{dev::AppConfig, dev::Server, web, App};
 use anyhow::Context as _;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -58,32 +60,7 @@ impl Application {
         let listener = TcpListener::bind(settings.server.bind)
             .with_context(|| format!("binding {}", settings.server.bind))?;
         let addr = listener.local_addr()?;
-        let app_state = state.clone();
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(app_state.clone())
-                .configure(http::routes)
-        })
-        // Record each connection's socket so the session watchdog can cut off
-        // a peer that stopped reading (see `session::watchdog`). Must come
-        // before `listen`, which takes the callback as it is then.
-        .on_connect(|conn, data| {
-            use std::os::fd::AsRawFd;
-            if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
-                // Frames are small and written as they come: with Nagle on, a
-                // frame written while the previous one is unacknowledged waits
-                // for the peer's delayed ACK (40 ms on Linux).
-                if let Err(error) = tcp.set_nodelay(true) {
-                    tracing::debug!(%error, "TCP_NODELAY not set");
-                }
-                data.insert(crate::session::Connection::new(tcp.as_raw_fd()));
-            }
-        })
-        .listen(listener)?
-        // Signals are ours (see `shutdown`): actix would stop without draining.
-        .disable_signals()
-        .shutdown_timeout(1)
-        .run();
+        let server = serve(listener, state.clone())?;
         Ok(Application {
             addr,
             server,
@@ -129,4 +106,53 @@ impl Application {
         tracing::info!("stopped cleanly");
         Ok(())
     }
+}
+
+/// The HTTP server, built from its parts the way `actix_web::HttpServer`
+/// builds it (same timeouts, graceful-shutdown signal, one worker per core),
+/// plus the one thing `HttpServer` cannot do: an upgrade service. A request
+/// with `Upgrade: websocket` goes, with its TCP socket, to
+/// `session::serve_upgrade`, and the connection's HTTP/1 dispatcher ends
+/// there; every other request goes to the route table.
+fn serve(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Server> {
+    let addr = listener.local_addr()?;
+    let builder = actix_server::Server::build();
+    let shutdown_signal = builder.graceful_shutdown_signal();
+    let server = builder
+        .listen("roomhub", listener, move || {
+            let app_state = state.clone();
+            let upgrade_state = state.clone();
+            let signal = shutdown_signal.clone();
+            let app = App::new()
+                .app_data(app_state)
+                .configure(http::routes)
+                .into_factory()
+                .map_err(|err| err.error_response());
+            HttpService::build()
+                .graceful_shutdown_signal(move || {
+                    let signal = signal.clone();
+                    async move { signal.notified().await }
+                })
+                // actix-web's defaults (`HttpServer::new`).
+                .keep_alive(KeepAlive::default())
+                .client_request_timeout(Duration::from_secs(5))
+                .client_disconnect_timeout(Duration::from_secs(1))
+                .h1_allow_half_closed(true)
+                .local_addr(addr)
+                .upgrade(fn_service(move |(req, framed)| {
+                    let state = upgrade_state.clone();
+                    async move {
+                        crate::session::serve_upgrade(state, req, framed).await;
+                        Ok::<_, actix_http::Error>(())
+                    }
+                }))
+                // Nothing reads the app config (host, address): its default will do.
+                .finish(map_config(app, |_| AppConfig::default()))
+                .tcp()
+        })?
+        // Signals are ours (see `shutdown`): actix would stop without draining.
+        .disable_signals()
+        .shutdown_timeout(1)
+        .run();
+    Ok(server)
 }

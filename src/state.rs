@@ -28,8 +28,8 @@ pub struct AppState {
     open_sockets: Arc<AtomicUsize>,
 }
 
-/// Counts one upgraded socket until its response body is dropped, i.e. until
-/// the HTTP layer is done with the connection (not merely the actor).
+/// Counts one upgraded socket until its last bytes are sent and it is
+/// closed (not merely until its session actor stops).
 pub struct SocketGuard(Arc<AtomicUsize>);
 
 impl Drop for SocketGuard {
@@ -106,7 +106,7 @@ impl AppState {
         SocketGuard(self.open_sockets.clone())
     }
 
-    /// Upgraded connections whose bytes the HTTP layer still handles.
+    /// Upgraded connections not yet closed.
     pub fn open_sockets(&self) -> usize {
         self.open_sockets.load(Ordering::SeqCst)
     }

@@ -1,7 +1,13 @@
 //! The session actor. Rooms reach it only through [`Outbound`] messages; it
 //! reaches rooms only through the messages in `crate::room::messages`.
+//!
+//! It owns its connection ([`WsSocket`]): one actor item ([`Io`]) reads and
+//! decodes client frames and sends what is queued, after every wake-up of
+//! the actor, so everything written while handling one batch of mailbox
+//! messages leaves in one socket write.
 
-use super::ledger::OutboundLedger;
+use super::socket::WsSocket;
+use super::upgrade::Admission;
 use crate::auth::Identity;
 use crate::limits::{ConnectionPermit, FrameLimiter};
 use crate::outbound::{error_frame, Outbound};
@@ -12,19 +18,24 @@ use crate::protocol::{
 use crate::room::{
     HistoryQuery, Join, Leave, PresenceQuery, Publish, PublishReply, RoomActor, RoomError, Typing,
 };
-use crate::state::AppState;
+use crate::state::{AppState, SocketGuard};
 use actix::prelude::*;
-use actix_http::ws::Item;
-use actix_web_actors::ws;
+use actix_http::ws::{self, Frame, Item, OpCode};
 use bytestring::ByteString;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 /// How often a join retries when its room stopped just as it was reached.
 const JOIN_ATTEMPTS: usize = 3;
+
+/// Client frames handled per wake-up before the session lets its mailbox
+/// (e.g. a drain) and other tasks run, as actix's `StreamHandler` does.
+const FRAMES_PER_POLL: usize = 64;
 
 /// A text message arriving in fragments, kept until its last fragment.
 enum Fragments {
@@ -44,7 +55,16 @@ pub struct WsSession {
     join_limiter: FrameLimiter,
     /// Rejected frames; running out closes the connection with 1008.
     abuse: FrameLimiter,
-    ledger: OutboundLedger,
+    /// The connection; taken when the session stops, to send what is left.
+    socket: Option<WsSocket>,
+    /// Counts the socket for the drain until its last bytes are sent.
+    socket_guard: Option<SocketGuard>,
+    /// The socket failed or was cut: nothing more can be sent.
+    broken: bool,
+    /// Inside the mailbox handler or [`Io`], which send before the actor
+    /// sleeps; other writers schedule a [`Flush`].
+    dispatching: bool,
+    flush_scheduled: bool,
     /// This connection's slot in its IP's count, freed when the session ends.
     _permit: Option<ConnectionPermit>,
     closing: bool,
@@ -61,11 +81,16 @@ pub struct WsSession {
 impl WsSession {
     pub fn new(
         state: Arc<AppState>,
-        identity: Identity,
-        auto_join: Option<RoomName>,
-        peer: Option<SocketAddr>,
-        permit: Option<ConnectionPermit>,
+        admission: Admission,
+        socket: WsSocket,
+        socket_guard: SocketGuard,
     ) -> Self {
+        let Admission {
+            identity,
+            room: auto_join,
+            peer,
+            permit,
+        } = admission;
         let limits = &state.settings.limits;
         // Counted here and uncounted in `Drop`, so the two always pair.
         state.metrics.connections.inc();
@@ -76,7 +101,11 @@ impl WsSession {
             publish_limiter: FrameLimiter::publishes(limits),
             join_limiter: FrameLimiter::joins(limits),
             abuse: FrameLimiter::abuse(),
-            ledger: OutboundLedger::new(limits.outbound_queue),
+            socket: Some(socket),
+            socket_guard: Some(socket_guard),
+            broken: false,
+            dispatching: false,
+            flush_scheduled: false,
             _permit: permit,
             closing: false,
             state,
@@ -93,31 +122,112 @@ impl WsSession {
         self.state.settings.limits.max_frame_bytes
     }
 
-    /// The counter the response body advances (see [`OutboundLedger`]).
-    pub fn outbound_counter(&self) -> std::rc::Rc<std::cell::Cell<u64>> {
-        self.ledger.counter()
-    }
-
-    /// Bytes written so far, for the watchdog.
-    pub fn progress(&self) -> std::rc::Rc<std::cell::Cell<u64>> {
-        self.ledger.progress()
-    }
-
-    fn outbox(ctx: &mut ws::WebsocketContext<Self>) -> Recipient<Outbound> {
+    fn outbox(ctx: &mut Context<Self>) -> Recipient<Outbound> {
         ctx.address().recipient()
     }
 
     /// The one way this session writes a frame: through the bounded ledger.
-    fn write(&mut self, ctx: &mut ws::WebsocketContext<Self>, frame: impl Into<ByteString>) {
+    fn write(&mut self, ctx: &mut Context<Self>, frame: impl AsRef<str>) {
         if self.closing {
             return;
         }
-        let frame = frame.into();
-        if self.ledger.try_push(frame.len()) {
-            ctx.text(frame);
+        let Some(socket) = self.socket.as_mut() else {
+            return;
+        };
+        if socket.push_text(frame.as_ref()) {
+            self.flush_soon(ctx);
         } else {
             self.state.metrics.slow_consumer_disconnects.inc();
             self.close(ctx, CloseCode::TooSlow);
+        }
+    }
+
+    /// Queues a control frame (never refused by the ledger).
+    fn write_control(&mut self, ctx: &mut Context<Self>, op: OpCode, payload: &[u8]) {
+        if let Some(socket) = self.socket.as_mut() {
+            socket.push_control(op, payload);
+            self.flush_soon(ctx);
+        }
+    }
+
+    /// Makes sure what was just queued is sent before the actor sleeps.
+    fn flush_soon(&mut self, ctx: &mut Context<Self>) {
+        if !self.dispatching && !self.flush_scheduled {
+            self.flush_scheduled = true;
+            ctx.spawn(Flush);
+        }
+    }
+
+    /// Sends what is queued as far as the socket takes it; a failed socket
+    /// stops the session.
+    fn flush(&mut self, ctx: &mut Context<Self>, task: &mut std::task::Context<'_>) {
+        let Some(socket) = self.socket.as_mut() else {
+            return;
+        };
+        if let Poll::Ready(Err(e)) = socket.poll_flush(task) {
+            tracing::debug!(session = %self.id, error = %e, "write failed");
+            self.broken = true;
+            self.closing = true;
+            ctx.stop();
+        }
+    }
+
+    /// Reads, decodes and handles client frames, then sends what is queued.
+    fn poll_io(&mut self, ctx: &mut Context<Self>, task: &mut std::task::Context<'_>) -> Poll<()> {
+        self.dispatching = true;
+        let open = self.pump_inbound(ctx, task);
+        self.dispatching = false;
+        if !open {
+            self.closing = true;
+            ctx.stop();
+            return Poll::Ready(());
+        }
+        self.flush(ctx, task);
+        Poll::Pending
+    }
+
+    /// Handles every frame already read, then reads more while the socket
+    /// has some (a few reads at most); `false` once the peer is gone.
+    fn pump_inbound(&mut self, ctx: &mut Context<Self>, task: &mut std::task::Context<'_>) -> bool {
+        let mut handled = 0;
+        loop {
+            loop {
+                // `wait`: a join is under way and later frames wait for it.
+                if self.closing || ctx.waiting() {
+                    return true;
+                }
+                if handled == FRAMES_PER_POLL {
+                    task.waker().wake_by_ref();
+                    return true;
+                }
+                let Some(socket) = self.socket.as_mut() else {
+                    return false;
+                };
+                match socket.next_frame() {
+                    Ok(Some(frame)) => {
+                        handled += 1;
+                        self.on_frame(Ok(frame), ctx);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.on_frame(Err(e), ctx);
+                        return true;
+                    }
+                }
+            }
+            let Some(socket) = self.socket.as_mut() else {
+                return false;
+            };
+            match socket.poll_read(task) {
+                Poll::Pending => return true,
+                Poll::Ready(Ok(0)) => return false,
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(session = %self.id, error = %e, "read failed");
+                    self.broken = true;
+                    return false;
+                }
+            }
         }
     }
 
@@ -125,7 +235,7 @@ impl WsSession {
     /// connection with 1008.
     fn send_error(
         &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Context<Self>,
         reference: Option<&str>,
         code: ErrorCode,
         message: &str,
@@ -135,7 +245,7 @@ impl WsSession {
 
     fn send_error_after(
         &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Context<Self>,
         reference: Option<&str>,
         code: ErrorCode,
         message: &str,
@@ -157,36 +267,29 @@ impl WsSession {
         }
     }
 
-    fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: CloseCode) {
+    fn close(&mut self, ctx: &mut Context<Self>, code: CloseCode) {
         if self.closing {
             return;
         }
         self.closing = true;
         self.close_reason = code.reason();
-        self.ledger.record(2 + code.reason().len());
-        ctx.close(Some(ws::CloseReason {
-            code: ws::CloseCode::from(code.code()),
-            description: Some(code.reason().into()),
-        }));
+        if let Some(socket) = self.socket.as_mut() {
+            socket.push_close(Some(ws::CloseReason {
+                code: ws::CloseCode::from(code.code()),
+                description: Some(code.reason().into()),
+            }));
+        }
         ctx.stop();
     }
 
     /// Takes a token for publish, typing or direct; else tells the client when to retry.
-    fn within_rate(
-        &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
-        reference: Option<&str>,
-    ) -> bool {
+    fn within_rate(&mut self, ctx: &mut Context<Self>, reference: Option<&str>) -> bool {
         let checked = self.publish_limiter.check();
         self.rate_verdict(checked, ctx, reference)
     }
 
     /// Takes a token for a join (or a history read of a room not joined).
-    fn within_join_rate(
-        &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
-        reference: Option<&str>,
-    ) -> bool {
+    fn within_join_rate(&mut self, ctx: &mut Context<Self>, reference: Option<&str>) -> bool {
         let checked = self.join_limiter.check();
         self.rate_verdict(checked, ctx, reference)
     }
@@ -194,7 +297,7 @@ impl WsSession {
     fn rate_verdict(
         &mut self,
         checked: Result<(), Duration>,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Context<Self>,
         reference: Option<&str>,
     ) -> bool {
         match checked {
@@ -214,19 +317,14 @@ impl WsSession {
         }
     }
 
-    fn on_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
+    fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
         match decode(text) {
             Ok(request) => self.dispatch(request.frame, request.reference, ctx),
             Err(e) => self.send_error(ctx, e.reference.as_deref(), e.code, &e.message),
         }
     }
 
-    fn dispatch(
-        &mut self,
-        frame: ClientFrame,
-        reference: Option<String>,
-        ctx: &mut ws::WebsocketContext<Self>,
-    ) {
+    fn dispatch(&mut self, frame: ClientFrame, reference: Option<String>, ctx: &mut Context<Self>) {
         let r = reference.as_deref();
         match frame {
             ClientFrame::Join {
@@ -307,7 +405,7 @@ impl WsSession {
         }
     }
 
-    fn ack(&mut self, ctx: &mut ws::WebsocketContext<Self>, reference: Option<&str>) {
+    fn ack(&mut self, ctx: &mut Context<Self>, reference: Option<&str>) {
         let frame = encode(&ServerFrame::Ack {
             reference,
             offset: None,
@@ -315,12 +413,7 @@ impl WsSession {
         self.write(ctx, frame);
     }
 
-    fn data_fits(
-        &mut self,
-        data: &RawValue,
-        r: Option<&str>,
-        ctx: &mut ws::WebsocketContext<Self>,
-    ) -> bool {
+    fn data_fits(&mut self, data: &RawValue, r: Option<&str>, ctx: &mut Context<Self>) -> bool {
         let max = self.state.settings.limits.max_message_bytes;
         if data.get().len() > max {
             self.send_error(
@@ -339,7 +432,7 @@ impl WsSession {
         &mut self,
         room: &RoomName,
         r: Option<&str>,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Context<Self>,
     ) -> Option<Addr<RoomActor>> {
         let addr = self.rooms.get(room).cloned();
         if addr.is_none() {
@@ -349,12 +442,7 @@ impl WsSession {
     }
 
     /// Whether the token allows this room (join and history); else tells the client.
-    fn allowed(
-        &mut self,
-        room: &RoomName,
-        r: Option<&str>,
-        ctx: &mut ws::WebsocketContext<Self>,
-    ) -> bool {
+    fn allowed(&mut self, room: &RoomName, r: Option<&str>, ctx: &mut Context<Self>) -> bool {
         let allowed = self.identity.may_join(room);
         if !allowed {
             self.send_error(
@@ -373,7 +461,7 @@ impl WsSession {
         since: Option<Since>,
         history: usize,
         reference: Option<String>,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Context<Self>,
     ) {
         if !self.allowed(&room, reference.as_deref(), ctx) {
             return;
@@ -428,7 +516,7 @@ impl WsSession {
         before: Option<u64>,
         limit: usize,
         reference: Option<String>,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Context<Self>,
     ) {
         if !self.allowed(&room, reference.as_deref(), ctx) {
             return;
@@ -471,27 +559,86 @@ impl WsSession {
         );
     }
 
-    fn heartbeat(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+    fn heartbeat(&mut self, ctx: &mut Context<Self>) {
         let timeout = Duration::from_millis(self.state.settings.heartbeat.timeout_ms);
-        if self.last_heard.elapsed() > timeout {
+        let stalled = self
+            .socket
+            .as_ref()
+            .and_then(WsSocket::stalled_for)
+            .is_some_and(|stalled| stalled >= timeout);
+        if stalled {
+            // The peer has taken nothing for the whole timeout: it stopped
+            // reading, and waiting longer would only hold memory.
+            self.cut(ctx);
+        } else if self.last_heard.elapsed() > timeout {
             self.state.metrics.heartbeat_timeouts.inc();
             self.close_reason = "heartbeat timeout";
             self.closing = true;
             ctx.stop();
         } else if !self.closing {
-            self.ledger.record(0);
-            ctx.ping(b"");
+            self.write_control(ctx, OpCode::Ping, b"");
         }
+    }
+
+    /// Drops the connection without sending what is queued.
+    fn cut(&mut self, ctx: &mut Context<Self>) {
+        if let Some(socket) = self.socket.as_ref() {
+            socket.cut();
+        }
+        self.state.metrics.stalled_sockets_cut.inc();
+        tracing::warn!("cut off a connection whose peer stopped reading");
+        self.broken = true;
+        self.closing = true;
+        ctx.stop();
+    }
+}
+
+/// The session's I/O, polled after every wake-up of the actor: reads and
+/// handles client frames, then sends what is queued. Never completes while
+/// the connection is open.
+struct Io;
+
+impl ActorFuture<WsSession> for Io {
+    type Output = ();
+
+    fn poll(
+        self: Pin<&mut Self>,
+        act: &mut WsSession,
+        ctx: &mut Context<WsSession>,
+        task: &mut std::task::Context<'_>,
+    ) -> Poll<()> {
+        act.poll_io(ctx, task)
+    }
+}
+
+/// A one-off send, for frames written outside [`Io`] and the mailbox
+/// handler (timers, replies to the session's own requests), which [`Io`]
+/// may already have been polled past in this wake-up.
+struct Flush;
+
+impl ActorFuture<WsSession> for Flush {
+    type Output = ();
+
+    fn poll(
+        self: Pin<&mut Self>,
+        act: &mut WsSession,
+        ctx: &mut Context<WsSession>,
+        task: &mut std::task::Context<'_>,
+    ) -> Poll<()> {
+        act.flush_scheduled = false;
+        act.flush(ctx, task);
+        Poll::Ready(())
     }
 }
 
 impl Actor for WsSession {
-    type Context = ws::WebsocketContext<Self>;
+    type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
         // The mailbox is the session's inbound queue from rooms: bounded, so a
         // session that cannot keep up is evicted instead of growing memory.
         ctx.set_mailbox_capacity(self.state.settings.limits.outbound_queue);
+        ctx.spawn(Io);
         self.state
             .directory
             .register(&self.user, self.id, Self::outbox(ctx));
@@ -520,10 +667,29 @@ impl Actor for WsSession {
             self.join(room, None, history, None, ctx);
         }
     }
+
+    /// The connection outlives the actor by as long as its last bytes (the
+    /// close frame) take to leave, at most `heartbeat.timeout_ms` without
+    /// progress; the drain counts it until then.
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        let (Some(socket), false) = (self.socket.take(), self.broken) else {
+            return;
+        };
+        let guard = self.socket_guard.take();
+        let stall = Duration::from_millis(self.state.settings.heartbeat.timeout_ms);
+        let metrics = self.state.metrics.clone();
+        actix_web::rt::spawn(async move {
+            if socket.linger(stall).await.is_err() {
+                metrics.stalled_sockets_cut.inc();
+                tracing::warn!("cut off a connection whose peer stopped reading");
+            }
+            drop(guard);
+        });
+    }
 }
 
-/// Cleanup lives in `Drop`, not `stopped`: a connection cut at the socket
-/// (see `watchdog`) drops the actor without stopping it.
+/// Cleanup lives in `Drop`, not `stopped`, so it happens however the actor
+/// ends (including when its worker shuts down without stopping it).
 impl Drop for WsSession {
     fn drop(&mut self) {
         for addr in self.rooms.values() {
@@ -539,11 +705,24 @@ impl Handler<Outbound> for WsSession {
     type Result = ();
 
     fn handle(&mut self, msg: Outbound, ctx: &mut Self::Context) {
+        // The mailbox is always followed by the actor's items, `Io` among
+        // them, in the same wake-up: no `Flush` needed.
+        self.dispatching = true;
+        self.handle_outbound(msg, ctx);
+        self.dispatching = false;
+    }
+}
+
+impl WsSession {
+    fn handle_outbound(&mut self, msg: Outbound, ctx: &mut Context<Self>) {
         match msg {
             Outbound::Frame(frame) => self.write(ctx, frame),
             Outbound::Frames(frames) => {
+                if let Some(socket) = self.socket.as_mut() {
+                    socket.reserve(frames.iter().map(|f| f.len() + 4).sum());
+                }
                 for frame in frames.iter() {
-                    self.write(ctx, frame.clone());
+                    self.write(ctx, frame);
                 }
             }
             Outbound::Close(code) => {
@@ -578,49 +757,50 @@ impl Handler<Outbound> for WsSession {
     }
 }
 
-impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
-    fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+impl WsSession {
+    fn on_frame(&mut self, frame: Result<Frame, ws::ProtocolError>, ctx: &mut Context<Self>) {
         self.last_heard = Instant::now();
-        let message = match item {
-            Ok(message) => message,
+        let frame = match frame {
+            Ok(frame) => frame,
             Err(ws::ProtocolError::Overflow) => return self.close(ctx, CloseCode::FrameTooBig),
-            Err(e) => {
-                tracing::debug!(session = %self.id, error = %e, "websocket protocol error");
-                self.close_reason = "protocol error";
-                return ctx.stop();
-            }
+            Err(e) => return self.protocol_error(&e, ctx),
         };
-        match message {
-            ws::Message::Text(text) => self.on_text(&text, ctx),
-            ws::Message::Binary(_) => self.send_error(
+        match frame {
+            Frame::Text(bytes) => match std::str::from_utf8(&bytes) {
+                Ok(text) => self.on_text(text, ctx),
+                Err(e) => self.protocol_error(&e, ctx),
+            },
+            Frame::Binary(_) => self.send_error(
                 ctx,
                 None,
                 ErrorCode::BadRequest,
                 "binary frames are not accepted; send JSON text",
             ),
-            ws::Message::Ping(payload) => {
-                self.ledger.record(payload.len());
-                ctx.pong(&payload);
-            }
-            ws::Message::Pong(_) | ws::Message::Nop => {}
-            ws::Message::Close(_) => {
+            Frame::Ping(payload) => self.write_control(ctx, OpCode::Pong, &payload),
+            Frame::Pong(_) => {}
+            Frame::Close(_) => {
                 self.close_reason = "closed by client";
                 self.closing = true;
-                ctx.close(None);
+                if let Some(socket) = self.socket.as_mut() {
+                    socket.push_close(None);
+                }
                 ctx.stop();
             }
-            ws::Message::Continuation(item) => self.on_fragment(item, ctx),
+            Frame::Continuation(item) => self.on_fragment(item, ctx),
         }
     }
 
-    fn finished(&mut self, ctx: &mut Self::Context) {
+    fn protocol_error(&mut self, e: &dyn std::fmt::Display, ctx: &mut Context<Self>) {
+        tracing::debug!(session = %self.id, error = %e, "websocket protocol error");
+        self.close_reason = "protocol error";
+        self.closing = true;
         ctx.stop();
     }
 }
 
 impl WsSession {
     /// Reassembles fragmented messages, within the same size limit as frames.
-    fn on_fragment(&mut self, item: Item, ctx: &mut ws::WebsocketContext<Self>) {
+    fn on_fragment(&mut self, item: Item, ctx: &mut Context<Self>) {
         let limit = self.max_frame_bytes();
         let last = matches!(item, Item::Last(_));
         match item {

@@ -1,22 +1,19 @@
 //! The outbound queue of one session, counted in frames.
 //!
-//! actix-web-actors buffers written frames without bound, so the session
-//! keeps its own ledger: every frame it writes is recorded with where it ends
-//! in the byte stream, and the response body reports how many bytes the HTTP
-//! layer has taken ([`OutboundLedger::counter`]). Frames not yet taken are the
-//! queue; when it reaches `limits.outbound_queue` the session is too slow and
-//! is closed with 1013 instead of growing memory.
+//! The session writes frames into its own buffer and sends them when the
+//! socket takes them (`super::socket`), so it keeps a ledger: every frame is
+//! recorded with where it ends in the byte stream, and every successful socket
+//! write reports how many bytes left ([`OutboundLedger::sent`]). Frames not
+//! yet sent are the queue; when it reaches `limits.outbound_queue` the session
+//! is too slow and is closed with 1013 instead of growing memory.
 
-use std::cell::Cell;
 use std::collections::VecDeque;
-use std::rc::Rc;
 
 pub struct OutboundLedger {
-    /// Bytes the HTTP layer has pulled from the WebSocket stream.
-    taken: Rc<Cell<u64>>,
-    /// Bytes written into the WebSocket stream so far (shared with the
-    /// watchdog, which reads "no progress" as "the actor cannot run").
-    written: Rc<Cell<u64>>,
+    /// Bytes the socket has taken.
+    taken: u64,
+    /// Bytes written into the outbound buffer so far.
+    written: u64,
     /// Where each frame still queued ends, in `written` terms.
     ends: VecDeque<u64>,
     capacity: usize,
@@ -25,25 +22,15 @@ pub struct OutboundLedger {
 impl OutboundLedger {
     pub fn new(capacity: usize) -> Self {
         Self {
-            taken: Rc::default(),
-            written: Rc::default(),
+            taken: 0,
+            written: 0,
             ends: VecDeque::new(),
             capacity,
         }
     }
 
-    /// The counter the response body advances as it yields bytes.
-    pub fn counter(&self) -> Rc<Cell<u64>> {
-        self.taken.clone()
-    }
-
-    /// The bytes written so far, as the watchdog sees them.
-    pub fn progress(&self) -> Rc<Cell<u64>> {
-        self.written.clone()
-    }
-
     /// The size on the wire of a server frame (unmasked) with this payload.
-    fn wire_len(payload: usize) -> u64 {
+    pub fn wire_len(payload: usize) -> u64 {
         let header = match payload {
             0..=125 => 2,
             126..=65535 => 4,
@@ -52,13 +39,22 @@ impl OutboundLedger {
         (header + payload) as u64
     }
 
-    /// Frames written but not yet taken by the HTTP layer.
+    /// Frames written but not yet taken by the socket.
     pub fn queued(&mut self) -> usize {
-        let taken = self.taken.get();
-        while self.ends.front().is_some_and(|&end| end <= taken) {
+        while self.ends.front().is_some_and(|&end| end <= self.taken) {
             self.ends.pop_front();
         }
+        if self.ends.is_empty() && self.ends.capacity() > 16 {
+            // A burst grew the queue; an idle connection should not keep it.
+            self.ends = VecDeque::new();
+        }
         self.ends.len()
+    }
+
+    /// Records that the socket took `bytes` more.
+    pub fn sent(&mut self, bytes: usize) {
+        self.taken += bytes as u64;
+        self.queued();
     }
 
     /// Records a data frame; `false` (and nothing recorded) if the queue is full.
@@ -75,9 +71,8 @@ impl OutboundLedger {
         // Drop what was taken first, so an idle connection's pings do not
         // pile up in `ends`.
         self.queued();
-        let written = self.written.get() + Self::wire_len(payload);
-        self.written.set(written);
-        self.ends.push_back(written);
+        self.written += Self::wire_len(payload);
+        self.ends.push_back(self.written);
     }
 }
 
@@ -86,27 +81,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn frames_leave_the_queue_as_their_bytes_are_taken() {
+    fn frames_leave_the_queue_as_their_bytes_are_sent() {
         let mut ledger = OutboundLedger::new(2);
         assert!(ledger.try_push(10)); // 12 bytes on the wire
         assert!(ledger.try_push(200)); // 204 bytes
         assert!(!ledger.try_push(1), "full");
-        ledger.counter().set(12);
+        ledger.sent(12);
         assert_eq!(ledger.queued(), 1);
         assert!(ledger.try_push(1));
-        ledger.counter().set(12 + 204 + 3);
+        ledger.sent(204 + 3);
         assert_eq!(ledger.queued(), 0);
+    }
+
+    #[test]
+    fn a_partly_sent_frame_is_still_queued() {
+        let mut ledger = OutboundLedger::new(1);
+        assert!(ledger.try_push(10));
+        ledger.sent(11);
+        assert!(
+            !ledger.try_push(1),
+            "one byte of the frame is still waiting"
+        );
+        ledger.sent(1);
+        assert!(ledger.try_push(1));
     }
 
     #[test]
     fn pings_on_an_idle_connection_do_not_accumulate() {
         let mut ledger = OutboundLedger::new(4);
-        let counter = ledger.counter();
         for _ in 0..10_000 {
             ledger.record(0);
-            counter.set(counter.get() + 2);
+            ledger.sent(2);
         }
         ledger.record(0);
         assert_eq!(ledger.ends.len(), 1);
+        assert!(ledger.ends.capacity() <= 16);
     }
 }

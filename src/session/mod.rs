@@ -2,14 +2,14 @@
 //!
 //! Owns the connection's lifecycle (welcome, heartbeat, close with a code),
 //! decodes client frames and turns them into room messages, and writes what
-//! rooms and the directory hand it. This module is the only user of
-//! actix-web-actors: swapping the WebSocket layer (e.g. for actix-ws) touches
-//! nothing outside it.
+//! rooms and the directory hand it. After the handshake the session owns the
+//! TCP socket itself (`socket`): no HTTP dispatcher or response body stays
+//! in between, and framing is actix-http's `ws` codec. Nothing outside this
+//! module knows how the socket is driven.
 
 mod actor;
 mod ledger;
+mod socket;
 mod upgrade;
-mod watchdog;
 
-pub use upgrade::ws_route;
-pub use watchdog::Connection;
+pub use upgrade::{serve_upgrade, ws_route};

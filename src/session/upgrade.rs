@@ -1,19 +1,31 @@
 //! `GET /ws`: every check that can refuse a connection runs before the
 //! upgrade (draining 503, origin 403, per-IP 429, token 401, bad query 400),
-//! so nothing is upgraded that would be closed at once. Then the session
-//! actor starts, with its response body counted by the outbound ledger.
+//! so nothing is upgraded that would be closed at once.
+//!
+//! WebSocket upgrade requests never reach the route table: the HTTP/1 layer
+//! hands them, with the TCP socket, to [`serve_upgrade`] (see `startup`),
+//! which answers 101 and gives the socket to a new session actor; the HTTP
+//! dispatcher and its buffers end there. [`ws_route`] is what a plain
+//! `GET /ws` (no upgrade) gets: the same checks, then the handshake's refusal.
+//! Both use [`admit`], which reads only the request head.
 
 use super::actor::WsSession;
-use super::watchdog::{self, Connection};
-use crate::auth::AuthError;
+use super::socket::WsSocket;
+use crate::auth::{AuthError, Identity};
+use crate::http::ApiError;
+use crate::limits::ConnectionPermit;
 use crate::protocol::RoomName;
 use crate::state::AppState;
-use actix_http::ws::Codec;
-use actix_web::{http::header, http::StatusCode, web, HttpRequest, HttpResponse};
-use actix_web_actors::ws;
-use futures_util::StreamExt;
+use actix::Actor as _;
+use actix_codec::Framed;
+use actix_http::body::{BodySize, BoxBody, MessageBody};
+use actix_http::{h1, ws, ConnectionType, Method, Request, RequestHead, Response};
+use actix_web::{http::header, http::StatusCode, web, HttpRequest, HttpResponse, ResponseError};
+use futures_util::SinkExt;
 use serde::Deserialize;
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpStream;
 
 #[derive(Deserialize)]
 struct WsQuery {
@@ -22,26 +34,52 @@ struct WsQuery {
     room: Option<String>,
 }
 
-fn refuse(state: &AppState, status: StatusCode, code: &str, message: &str) -> HttpResponse {
-    state.metrics.rejected_upgrade(code);
-    let mut response = HttpResponse::build(status);
-    if matches!(
-        status,
-        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
-    ) {
-        response.insert_header((header::RETRY_AFTER, "1"));
-    }
-    response.json(serde_json::json!({ "error": code, "message": message }))
+/// What an admitted upgrade carries into its session.
+pub struct Admission {
+    pub identity: Identity,
+    /// The room of `?room=`, joined right after `welcome`.
+    pub room: Option<RoomName>,
+    pub peer: Option<SocketAddr>,
+    /// This connection's slot in its IP's count, freed when the session ends.
+    pub permit: Option<ConnectionPermit>,
 }
 
-pub async fn ws_route(
-    req: HttpRequest,
-    stream: web::Payload,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, actix_web::Error> {
+/// Why an upgrade was refused: an HTTP status and a JSON body.
+pub struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    pub fn response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status);
+        if matches!(
+            self.status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            response.insert_header((header::RETRY_AFTER, "1"));
+        }
+        response.json(serde_json::json!({ "error": self.code, "message": self.message }))
+    }
+}
+
+/// A refusal, counted in `roomhub_rejected_upgrades_total`.
+fn refuse(state: &AppState, status: StatusCode, code: &'static str, message: &str) -> Refusal {
+    state.metrics.rejected_upgrade(code);
+    Refusal {
+        status,
+        code,
+        message: message.to_owned(),
+    }
+}
+
+/// Every check that may refuse a connection, in order; `Err` is the answer
+/// to send instead of the upgrade (already counted in `rejected_upgrades`).
+pub fn admit(head: &RequestHead, state: &AppState) -> Result<Admission, Refusal> {
     if state.is_draining() {
-        return Ok(refuse(
-            &state,
+        return Err(refuse(
+            state,
             StatusCode::SERVICE_UNAVAILABLE,
             "draining",
             "the node is draining",
@@ -50,13 +88,13 @@ pub async fn ws_route(
     let origins = &state.settings.auth.allowed_origins;
     if !origins.is_empty() {
         // Browsers always send Origin; other clients may not, and are let through.
-        if let Some(origin) = req.headers().get(header::ORIGIN) {
+        if let Some(origin) = head.headers().get(header::ORIGIN) {
             let allowed = origin
                 .to_str()
                 .is_ok_and(|o| origins.iter().any(|a| a == o));
             if !allowed {
-                return Ok(refuse(
-                    &state,
+                return Err(refuse(
+                    state,
                     StatusCode::FORBIDDEN,
                     "forbidden_origin",
                     "this origin may not connect",
@@ -64,12 +102,13 @@ pub async fn ws_route(
             }
         }
     }
-    let permit = match req.peer_addr() {
+    let peer = head.peer_addr;
+    let permit = match peer {
         Some(peer) => match state.ip_limits.admit(peer.ip()) {
             Ok(permit) => Some(permit),
             Err(e) => {
-                return Ok(refuse(
-                    &state,
+                return Err(refuse(
+                    state,
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limited",
                     &e.to_string(),
@@ -78,9 +117,10 @@ pub async fn ws_route(
         },
         None => None,
     };
-    let Ok(query) = web::Query::<WsQuery>::from_query(req.query_string()) else {
-        return Ok(refuse(
-            &state,
+    let query_string = head.uri.query().unwrap_or_default();
+    let Ok(query) = web::Query::<WsQuery>::from_query(query_string) else {
+        return Err(refuse(
+            state,
             StatusCode::BAD_REQUEST,
             "bad_request",
             "malformed query string",
@@ -92,16 +132,16 @@ pub async fn ws_route(
     {
         Ok(identity) => identity,
         Err(e @ AuthError::BadUser(_)) => {
-            return Ok(refuse(
-                &state,
+            return Err(refuse(
+                state,
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 &e.to_string(),
             ))
         }
         Err(e) => {
-            return Ok(refuse(
-                &state,
+            return Err(refuse(
+                state,
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 &e.to_string(),
@@ -111,44 +151,96 @@ pub async fn ws_route(
     let room = match query.room.as_deref().map(RoomName::parse).transpose() {
         Ok(room) => room,
         Err(e) => {
-            return Ok(refuse(
-                &state,
+            return Err(refuse(
+                state,
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 &e.to_string(),
             ))
         }
     };
-    let mut response = ws::handshake(&req)?;
-    let state_guard = state.socket_opened();
-    let state_ref = state.clone();
-    let session = WsSession::new(state.into_inner(), identity, room, req.peer_addr(), permit);
-    let codec = Codec::new().max_size(session.max_frame_bytes());
-    let taken = session.outbound_counter();
-    if let Some(connection) = req.conn_data::<Connection>() {
-        // The drain counts this socket until the connection itself is gone.
-        connection.hold(state_guard);
-        let heartbeat = &state_ref.settings.heartbeat;
-        let watch = watchdog::watch(
-            connection,
-            session.progress(),
-            Duration::from_millis(heartbeat.interval_ms),
-            Duration::from_millis(heartbeat.timeout_ms),
-        );
-        let metrics = state_ref.metrics.clone();
-        actix_web::rt::spawn(async move {
-            if watch.await {
-                metrics.stalled_sockets_cut.inc();
-                tracing::warn!("cut off a connection whose peer stopped reading");
-            }
-        });
+    Ok(Admission {
+        identity,
+        room,
+        peer,
+        permit,
+    })
+}
+
+/// `GET /ws` without `Upgrade: websocket` (upgrades go to [`serve_upgrade`]):
+/// the same checks, then the handshake's own refusal.
+pub async fn ws_route(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Err(refusal) = admit(req.head(), &state) {
+        return refusal.response();
     }
-    let body = ws::WebsocketContext::with_codec(session, stream, codec).map(move |chunk| {
-        // What the HTTP layer pulls here has left the session's queue.
-        if let Ok(bytes) = &chunk {
-            taken.set(taken.get() + bytes.len() as u64);
+    let refusal = match ws::handshake(req.head()) {
+        Err(e) => e,
+        // Unreachable in practice: the HTTP layer routes every request with
+        // `Upgrade: websocket` to `serve_upgrade`.
+        Ok(_) => ws::HandshakeError::NoWebsocketUpgrade,
+    };
+    refusal.error_response()
+}
+
+/// The HTTP/1 layer's upgrade service: a request with `Upgrade: websocket`
+/// and its connection. Answers 101 and starts the session on this socket,
+/// or answers what the route table would and closes the connection.
+pub async fn serve_upgrade(
+    state: web::Data<AppState>,
+    req: Request,
+    mut framed: Framed<TcpStream, h1::Codec>,
+) {
+    let head = req.head();
+    // As the route table: only `GET /ws` upgrades (other paths 404, other
+    // methods on /ws 405, before any check runs).
+    let refusal: Response<BoxBody> = if head.uri.path() != "/ws" {
+        ApiError::NotFound.error_response().into()
+    } else if head.method != Method::GET {
+        ws::HandshakeError::GetMethodRequired.into()
+    } else {
+        match admit(head, &state) {
+            Err(refusal) => refusal.response().into(),
+            Ok(admission) => match ws::handshake(head) {
+                Err(e) => e.into(),
+                Ok(mut switching) => {
+                    let (response, _) = switching.finish().into_parts();
+                    let item = h1::Message::Item((response, BodySize::None));
+                    if framed.send(item).await.is_err() {
+                        return;
+                    }
+                    let parts = framed.into_parts();
+                    start_session(state.into_inner(), admission, parts.io, &parts.read_buf);
+                    return;
+                }
+            },
         }
-        chunk
-    });
-    Ok(response.streaming(body))
+    };
+    respond_and_close(framed, refusal).await;
+}
+
+fn start_session(state: Arc<AppState>, admission: Admission, io: TcpStream, leftover: &[u8]) {
+    // Frames are coalesced by the session itself; the kernel must not hold
+    // them back waiting for acknowledgements.
+    let _ = io.set_nodelay(true);
+    let limits = &state.settings.limits;
+    let socket = WsSocket::new(io, leftover, limits.max_frame_bytes, limits.outbound_queue);
+    let guard = state.socket_opened();
+    WsSession::new(state, admission, socket, guard).start();
+}
+
+/// Sends a whole response and closes the connection: after an upgrade
+/// request the HTTP layer no longer serves it.
+async fn respond_and_close(mut framed: Framed<TcpStream, h1::Codec>, response: Response<BoxBody>) {
+    let (mut head, body) = response.into_parts();
+    head.head_mut().set_connection_type(ConnectionType::Close);
+    // Refusals are small in-memory bodies.
+    let body = body.try_into_bytes().unwrap_or_default();
+    let item = h1::Message::Item((head, BodySize::Sized(body.len() as u64)));
+    if framed.send(item).await.is_err() {
+        return;
+    }
+    if !body.is_empty() && framed.send(h1::Message::Chunk(Some(body))).await.is_err() {
+        return;
+    }
+    let _ = framed.close().await;
 }

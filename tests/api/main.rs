@@ -14,4 +14,5 @@ mod protection;
 mod protocol;
 mod rooms;
 mod store;
+mod transport;
 mod web_client;
