@@ -11,6 +11,7 @@ use roomhub::protocol::{Message, RoomName, UserId};
 use roomhub::storage::{HistoryStore, SledStore, WriteBatch, WriteOp};
 use serde_json::value::RawValue;
 use std::sync::mpsc;
+use std::time::Duration;
 
 fn append(c: &mut Criterion) {
     let room = RoomName::parse("bench").unwrap();
@@ -20,7 +21,8 @@ fn append(c: &mut Criterion) {
     for durability in [Durability::Sync, Durability::Batched] {
         for window in [1u64, 64] {
             let dir = tempfile::tempdir().unwrap();
-            let store = SledStore::open(dir.path(), durability).unwrap();
+            // No commit delay: this measures the group commit itself.
+            let store = SledStore::open(dir.path(), durability, Duration::ZERO).unwrap();
             let mut offset = 0u64;
             group.throughput(Throughput::Elements(window));
             let id = BenchmarkId::new(

@@ -66,6 +66,9 @@ pub enum Durability {
 pub struct StorageSettings {
     pub data_dir: PathBuf,
     pub durability: Durability,
+    /// An addition to CONFIG.md: how long a busy store writer waits for more
+    /// writes before a group commit, in µs (0 = never). See `sled_store`.
+    pub commit_delay_us: u64,
 }
 
 impl Default for StorageSettings {
@@ -73,6 +76,7 @@ impl Default for StorageSettings {
         Self {
             data_dir: PathBuf::from("./data"),
             durability: Durability::Sync,
+            commit_delay_us: 2000,
         }
     }
 }
@@ -311,6 +315,12 @@ impl Settings {
                     "must be 1-64 characters of [A-Za-z0-9._-]".into(),
                 ));
             }
+        }
+        if self.storage.commit_delay_us > 100_000 {
+            return Err((
+                "storage.commit_delay_us",
+                "must be at most 100000 (0.1 s)".into(),
+            ));
         }
         let nats_url = self.cluster.nats_url.trim();
         if !nats_url.is_empty() {

@@ -29,8 +29,12 @@ impl Application {
         let settings = Arc::new(settings);
         let data_dir = &settings.storage.data_dir;
         let store = Arc::new(
-            SledStore::open(data_dir, settings.storage.durability)
-                .with_context(|| format!("opening the store in {}", data_dir.display()))?,
+            SledStore::open(
+                data_dir,
+                settings.storage.durability,
+                Duration::from_micros(settings.storage.commit_delay_us),
+            )
+            .with_context(|| format!("opening the store in {}", data_dir.display()))?,
         );
         let node_id = store
             .node_id(settings.server.node_id.as_deref())

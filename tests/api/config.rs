@@ -135,6 +135,14 @@ fn bad_settings_stop_start_up_with_exit_2_naming_key_and_source() {
         ),
         (
             vec![],
+            vec![("ROOMHUB_STORAGE__COMMIT_DELAY_US", "5000000")],
+            vec![
+                "storage.commit_delay_us",
+                "ROOMHUB_STORAGE__COMMIT_DELAY_US",
+            ],
+        ),
+        (
+            vec![],
             vec![("ROOMHUB_CLUSTER__NATS_URL", "http://127.0.0.1:4222")],
             vec!["cluster.nats_url", "ROOMHUB_CLUSTER__NATS_URL"],
         ),

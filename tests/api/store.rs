@@ -118,12 +118,12 @@ fn sled_store_conforms_and_keeps_data_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
     for durability in [Durability::Sync, Durability::Batched] {
         let path = dir.path().join(format!("{durability:?}"));
-        let store = SledStore::open(&path, durability).unwrap();
+        let store = SledStore::open(&path, durability, Duration::ZERO).unwrap();
         conformance(&store);
         let id = store.node_id(None).unwrap();
         store.close().unwrap();
         drop(store);
-        let store = SledStore::open(&path, durability).unwrap();
+        let store = SledStore::open(&path, durability, Duration::ZERO).unwrap();
         let snap = store
             .load_room(&RoomName::parse("conf").unwrap(), 100)
             .unwrap();
