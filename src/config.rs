@@ -231,7 +231,7 @@ impl Settings {
                 // ROOMHUB_CONFIG names the file; it is not a setting.
                 .filter(|key| key != "config"),
         );
-        let settings: Settings = figment.extract().map_err(|e| describe_figment_error(e))?;
+        let settings: Settings = figment.extract().map_err(describe_figment_error)?;
         settings.validate().map_err(|(key, problem)| {
             let source = figment
                 .find_metadata(key)

@@ -243,7 +243,7 @@ fn raise_nofile_limit() -> u64 {
             }
         }
     }
-    limit.rlim_cur as u64
+    limit.rlim_cur
 }
 
 /// The source address of client `index`: on loopback, 127.0.0.1 + (index mod sources).

@@ -337,7 +337,7 @@ impl RoomActor {
 
     /// Answers a range from the tail when it holds what is asked, else hands
     /// the query back to be read from the store.
-    fn from_tail(&self, q: RangeQuery) -> Result<Vec<EncodedMessage>, RangeQuery> {
+    fn read_tail(&self, q: RangeQuery) -> Result<Vec<EncodedMessage>, RangeQuery> {
         let Some(log) = &self.log else {
             return Ok(Vec::new());
         };
@@ -368,7 +368,7 @@ impl RoomActor {
 
     /// Reads a range, from the tail or (off this thread) from the store.
     fn read(&self, q: RangeQuery) -> ResponseFuture<Result<Vec<EncodedMessage>, StoreError>> {
-        match self.from_tail(q) {
+        match self.read_tail(q) {
             Ok(messages) => Box::pin(async move { Ok(messages) }),
             Err(q) => {
                 let store = self.context.store.clone();
@@ -929,7 +929,13 @@ impl StreamHandler<LogMessage> for RoomActor {
         match LogRecord::decode(&record.payload).and_then(|r| r.to_message(&self.name, seq)) {
             Ok(message) => self.apply(ctx, message),
             Err(error) => {
-                tracing::warn!(room = %self.name, seq, %error, "skipped a cluster record")
+                // Not ours (something else published on the room's subject):
+                // skip its offset, so the next record is not taken for a gap
+                // left by pruning (which would forget the history before it).
+                tracing::warn!(room = %self.name, seq, %error, "skipped a cluster record");
+                if let Some(log) = self.log.as_mut() {
+                    log.last_assigned = log.last_assigned.max(seq);
+                }
             }
         }
     }

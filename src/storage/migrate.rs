@@ -16,8 +16,10 @@ pub mod v2_single_keyspace;
 /// The format this binary reads and writes.
 pub const CURRENT_VERSION: u32 = 2;
 
+type Step = fn(&sled::Db) -> sled::Result<()>;
+
 /// Upgrade steps: `(version it produces, step)`, in order.
-const STEPS: &[(u32, fn(&sled::Db) -> sled::Result<()>)] = &[(2, v2_single_keyspace::upgrade)];
+const STEPS: &[(u32, Step)] = &[(2, v2_single_keyspace::upgrade)];
 
 /// Reads the stored version (None for a database never stamped).
 pub fn stored_version(db: &sled::Db) -> Result<Option<u32>, StoreError> {

@@ -459,3 +459,36 @@ async fn after_an_ack_the_node_that_gave_it_serves_the_message() {
         assert_eq!(offsets(&page["messages"]), vec![offset], "publish {n}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_foreign_record_in_a_room_log_is_skipped_and_forgets_nothing() {
+    let nats = NatsServer::start();
+    let a = spawn_node(&nats, None, &[]).await;
+    let b = spawn_node(&nats, None, &[]).await;
+    let mut writer = a.connect("user=writer").await;
+    let epoch = writer.join("foreign").await["epoch"].clone();
+    let mut acked = Vec::new();
+    for n in 0..3 {
+        acked.push(writer.publish("foreign", json!(n)).await);
+    }
+    // Something that is not roomhub writes garbage into the room's log.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let subject = roomhub::cluster::Subjects::new("roomhub")
+        .log(&roomhub::protocol::RoomName::parse("foreign").unwrap());
+    async_nats::jetstream::new(client)
+        .publish(subject, "not a record".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    for n in 3..5 {
+        acked.push(writer.publish("foreign", json!(n)).await);
+    }
+    // Both nodes still hold the whole history, without the foreign record.
+    for node in [&a, &b] {
+        let mut reader = node.connect("user=reader").await;
+        let joined = join_since(&mut reader, "foreign", &epoch, 0).await;
+        assert_eq!(joined["recovered"], true, "{joined}");
+        assert_eq!(offsets(&joined["history"]), acked);
+    }
+}

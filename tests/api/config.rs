@@ -102,7 +102,9 @@ fn bad_settings_stop_start_up_with_exit_2_naming_key_and_source() {
         "[history]\nmax_per_room = \"lots\"\n",
     )
     .unwrap();
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, Vec<&str>)> = vec![
+    // (arguments, environment, what the error must name)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
         (
             vec!["--config", "typo.toml"],
             vec![],

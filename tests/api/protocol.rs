@@ -161,7 +161,7 @@ async fn ping_pong_and_refs_on_every_reply() {
     assert_eq!(c.next().await, json!({"type": "ack", "ref": "t"}));
     c.send(json!({"type": "publish", "room": "r", "data": 1, "ref": "m"}))
         .await;
-    let mut got = vec![c.next().await, c.next().await];
+    let mut got = [c.next().await, c.next().await];
     got.sort_by_key(|f| f["type"].as_str().unwrap().to_owned());
     assert_eq!(got[0], json!({"type": "ack", "ref": "m", "offset": 1}));
     assert_eq!(got[1]["type"], "message");
