@@ -473,17 +473,31 @@ impl RoomActor {
     /// Cluster mode: retries a failed catch-up, forgets the presence of nodes
     /// gone silent, and refreshes this node's presence for the others.
     fn maintain_cluster(&mut self, ctx: &mut Context<Self>) {
+        if self.log.is_none() && !self.syncing {
+            self.start_sync(ctx);
+        }
+        self.release_parked_joins(ctx);
+    }
+
+    /// Cluster mode: how often this node tells the others its presence (at
+    /// least twice per `heartbeat.timeout_ms`, so a live node never lapses),
+    /// and how often it checks theirs (twice per announcement, so a silent
+    /// node is gone within 1.25 × the timeout, inside the contract's 2 ×).
+    fn presence_periods(&self) -> (Duration, Duration) {
+        let heartbeat = &self.context.settings.heartbeat;
+        let announce = Duration::from_millis(heartbeat.interval_ms.min(heartbeat.timeout_ms / 2));
+        let check = (announce / 2).clamp(Duration::from_millis(5), MAINTENANCE_EVERY);
+        (announce, check)
+    }
+
+    /// Cluster mode: forgets the presence of nodes gone silent and refreshes
+    /// this node's presence for the others.
+    fn tick_presence(&mut self) {
         if self.log.is_none() {
-            if !self.syncing {
-                self.start_sync(ctx);
-            }
             return;
         }
-        let heartbeat = &self.context.settings.heartbeat;
-        let (timeout, interval) = (
-            Duration::from_millis(heartbeat.timeout_ms),
-            Duration::from_millis(heartbeat.interval_ms),
-        );
+        let timeout = Duration::from_millis(self.context.settings.heartbeat.timeout_ms);
+        let (announce_every, _) = self.presence_periods();
         if let Some(cutoff) = Instant::now().checked_sub(timeout) {
             let changes = self.presence.expire_remote(cutoff);
             if !changes.is_empty() {
@@ -493,10 +507,9 @@ impl RoomActor {
                 self.update_stats();
             }
         }
-        if self.presence.local_users() > 0 && self.announced.elapsed() >= interval {
+        if self.presence.local_users() > 0 && self.announced.elapsed() >= announce_every {
             self.announce_presence();
         }
-        self.release_parked_joins(ctx);
     }
 
     /// Cluster mode: catches up with the room's cluster log; the mailbox
@@ -731,6 +744,8 @@ impl Actor for RoomActor {
         ctx.set_mailbox_capacity(1024);
         ctx.run_interval(MAINTENANCE_EVERY, |act, ctx| act.maintain(ctx));
         if self.context.cluster.is_some() {
+            let (_, check) = self.presence_periods();
+            ctx.run_interval(check, |act, _| act.tick_presence());
             return self.start_sync(ctx);
         }
         let (store, room) = (self.context.store.clone(), self.name.clone());

@@ -492,3 +492,37 @@ async fn a_foreign_record_in_a_room_log_is_skipped_and_forgets_nothing() {
         assert_eq!(offsets(&joined["history"]), acked);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_short_heartbeats_a_live_node_never_lapses_from_presence() {
+    // Announcements must come at least twice per timeout, whatever the
+    // heartbeat settings: here the timeout is shorter than a second.
+    let short = [
+        ("ROOMHUB_HEARTBEAT__INTERVAL_MS", "300"),
+        ("ROOMHUB_HEARTBEAT__TIMEOUT_MS", "400"),
+    ];
+    let nats = NatsServer::start();
+    let a = spawn_node(&nats, None, &short).await;
+    let mut b = spawn_node(&nats, None, &short).await;
+    let mut ann = a.connect("user=ann").await;
+    ann.join("short").await;
+    let mut bob = b.connect("user=bob").await;
+    bob.join("short").await;
+    // Bob keeps answering pings while ann watches.
+    tokio::spawn(async move { while bob.try_next().await.is_some() {} });
+    assert_eq!(ann.next_of("user_joined").await["user"], "bob");
+    // For 2 s (five timeouts), bob must not lapse from ann's room.
+    let quiet = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            let frame = ann.next().await;
+            if frame["type"] == "user_left" {
+                return frame;
+            }
+        }
+    })
+    .await;
+    assert!(quiet.is_err(), "a live node lapsed: {:?}", quiet.ok());
+    // Killed, bob leaves.
+    b.kill9();
+    assert_eq!(ann.next_of("user_left").await["user"], "bob");
+}
