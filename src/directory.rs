@@ -1,25 +1,23 @@
 //! Every open session on this node, by user: for direct messages (which reach
 //! every session of a user) and for the drain (which tells every session).
 
-use crate::outbound::{offer, Offer, Outbound};
+use crate::outbound::{Offer, Outbound, SessionLink, WireFrames};
 use crate::protocol::{SessionId, UserId};
-use actix::Recipient;
-use bytestring::ByteString;
 use parking_lot::RwLock;
 use std::collections::HashMap;
 
 #[derive(Default)]
 pub struct SessionDirectory {
-    users: RwLock<HashMap<UserId, HashMap<SessionId, Recipient<Outbound>>>>,
+    users: RwLock<HashMap<UserId, HashMap<SessionId, SessionLink>>>,
 }
 
 impl SessionDirectory {
-    pub fn register(&self, user: &UserId, session: SessionId, outbox: Recipient<Outbound>) {
+    pub fn register(&self, user: &UserId, session: SessionId, link: SessionLink) {
         self.users
             .write()
             .entry(user.clone())
             .or_default()
-            .insert(session, outbox);
+            .insert(session, link);
     }
 
     pub fn unregister(&self, user: &UserId, session: SessionId) {
@@ -33,16 +31,15 @@ impl SessionDirectory {
     }
 
     /// Offers `frame` to every session of `user`; returns how many took it.
-    pub fn send_to_user(&self, user: &UserId, frame: &ByteString) -> usize {
+    pub fn send_to_user(&self, user: &UserId, frame: &str) -> usize {
         let users = self.users.read();
         users
             .get(user)
             .map(|sessions| {
+                let frame = WireFrames::text(frame);
                 sessions
                     .values()
-                    .filter(|outbox| {
-                        offer(outbox, Outbound::Frame(frame.clone())) == Offer::Delivered
-                    })
+                    .filter(|link| link.offer(&frame) == Offer::Delivered)
                     .count()
             })
             .unwrap_or(0)
@@ -50,8 +47,8 @@ impl SessionDirectory {
 
     /// Sends `message` to every session on this node.
     pub fn tell_all(&self, message: Outbound) {
-        for outbox in self.users.read().values().flat_map(|s| s.values()) {
-            outbox.do_send(message.clone());
+        for link in self.users.read().values().flat_map(|s| s.values()) {
+            link.tell(message.clone());
         }
     }
 

@@ -1,28 +1,26 @@
 //! What rooms and the directory send to sessions, and the one way they send it.
 //!
-//! Every frame bound for a client goes through [`offer`], which never waits:
-//! a session whose mailbox is full is told to close with 1013 (too slow), so
-//! one slow reader can never hold up a room or grow the hub's memory.
+//! Frames go through a [`SessionLink`] straight into the session's
+//! [`FrameSink`] (its socket, or the bytes already waiting for it), from
+//! whichever actor produces them: no mailbox message and no wake-up of the
+//! session per delivery, so a broadcast costs one socket write per recipient
+//! and nothing else. The frames are encoded for the wire once
+//! ([`WireFrames`]) and every recipient is handed the same bytes.
+//!
+//! Nothing here waits: a session whose outbound queue is full refuses the
+//! frames and is told (through its mailbox, with the other [`Outbound`]
+//! notices) to close with 1013 (too slow), so one slow reader can never hold
+//! up a room or grow the hub's memory.
 
 use crate::protocol::{CloseCode, RoomName};
 use actix::{Message, Recipient};
-use bytestring::ByteString;
+use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 
-impl From<ByteString> for Outbound {
-    fn from(frame: ByteString) -> Self {
-        Outbound::Frame(frame)
-    }
-}
-
+/// Notices for a session's mailbox (frames take the [`FrameSink`]).
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 pub enum Outbound {
-    /// An encoded frame to write as-is. The bytes are shared by every recipient.
-    Frame(ByteString),
-    /// Several frames to write in order (a room's group of newly durable
-    /// messages): one mailbox message instead of one per frame.
-    Frames(Arc<[ByteString]>),
     /// Close the connection with this code.
     Close(CloseCode),
     /// The room dropped this session (it failed and restarts); the session
@@ -32,7 +30,65 @@ pub enum Outbound {
     Drain,
 }
 
-/// What became of one offered frame.
+/// Text frames encoded once for the wire (WebSocket header and payload, back
+/// to back): cloning shares the bytes.
+#[derive(Debug, Clone)]
+pub struct WireFrames {
+    bytes: Bytes,
+    /// Each frame's length on the wire, in order.
+    lens: Arc<[usize]>,
+}
+
+impl WireFrames {
+    pub fn text(payload: &str) -> Self {
+        Self::texts([payload])
+    }
+
+    pub fn texts<'a>(payloads: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut buffer = BytesMut::new();
+        let mut lens = Vec::new();
+        for payload in payloads {
+            let before = buffer.len();
+            crate::session::encode_text(&mut buffer, payload);
+            lens.push(buffer.len() - before);
+        }
+        Self {
+            bytes: buffer.freeze(),
+            lens: lens.into(),
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// How many frames.
+    pub fn count(&self) -> usize {
+        self.lens.len()
+    }
+}
+
+/// Where a session's frames go: it takes all of the offered frames, in order
+/// after everything taken before, or none. Never waits.
+pub trait FrameSink: Send + Sync {
+    fn take(&self, frames: &WireFrames) -> Taken;
+}
+
+/// What a [`FrameSink`] did with offered frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    All,
+    /// The outbound queue is full: the session cannot keep up.
+    Full,
+    /// The session has ended.
+    Closed,
+}
+
+/// What became of one offer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
     Delivered,
@@ -42,15 +98,38 @@ pub enum Offer {
     Gone,
 }
 
-pub fn offer(outbox: &Recipient<Outbound>, message: Outbound) -> Offer {
-    match outbox.try_send(message) {
-        Ok(()) => Offer::Delivered,
-        Err(actix::prelude::SendError::Full(_)) => {
-            // `do_send` bypasses the full mailbox so the close still arrives.
-            outbox.do_send(Outbound::Close(CloseCode::TooSlow));
-            Offer::Evicted
+/// How rooms and the directory reach one session.
+#[derive(Clone)]
+pub struct SessionLink {
+    frames: Arc<dyn FrameSink>,
+    notices: Recipient<Outbound>,
+}
+
+impl SessionLink {
+    pub fn new(frames: Arc<dyn FrameSink>, notices: Recipient<Outbound>) -> Self {
+        Self { frames, notices }
+    }
+
+    /// Hands `frames` to the session; one that cannot keep up is told to close.
+    pub fn offer(&self, frames: &WireFrames) -> Offer {
+        match self.frames.take(frames) {
+            Taken::All => Offer::Delivered,
+            Taken::Full => {
+                self.notices.do_send(Outbound::Close(CloseCode::TooSlow));
+                Offer::Evicted
+            }
+            Taken::Closed => Offer::Gone,
         }
-        Err(actix::prelude::SendError::Closed(_)) => Offer::Gone,
+    }
+
+    /// Encodes one text frame and offers it.
+    pub fn offer_text(&self, payload: &str) -> Offer {
+        self.offer(&WireFrames::text(payload))
+    }
+
+    /// Puts a notice in the session's mailbox (never refused).
+    pub fn tell(&self, notice: Outbound) {
+        self.notices.do_send(notice);
     }
 }
 
@@ -61,15 +140,13 @@ pub fn error_frame(
     code: crate::protocol::ErrorCode,
     message: &str,
     retry_after_ms: Option<u64>,
-) -> ByteString {
+) -> String {
     metrics.error(code);
-    ByteString::from(crate::protocol::encode(
-        &crate::protocol::ServerFrame::Error {
-            reference,
-            code,
-            message,
-            retry_after_ms,
-            room: None,
-        },
-    ))
+    crate::protocol::encode(&crate::protocol::ServerFrame::Error {
+        reference,
+        code,
+        message,
+        retry_after_ms,
+        room: None,
+    })
 }

@@ -51,6 +51,6 @@ pub async fn relay_directs(cluster: Arc<Cluster>, directory: Arc<SessionDirector
         let Ok(user) = crate::protocol::UserId::parse(&record.user) else {
             continue;
         };
-        directory.send_to_user(&user, &record.frame.into());
+        directory.send_to_user(&user, &record.frame);
     }
 }

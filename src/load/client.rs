@@ -225,6 +225,9 @@ pub struct PublishPlan {
     /// Size of the serialized `data`, in bytes.
     pub payload: usize,
     pub duration: Duration,
+    /// Paced publishers only: how long after the common start this one's
+    /// first publish goes out.
+    pub phase: Duration,
 }
 
 pub struct ClientSpec {
@@ -582,7 +585,7 @@ async fn publisher(
     tokio::pin!(deadline);
     let paced = plan.rate > 0.0;
     let mut ticker = tokio::time::interval_at(
-        start,
+        start + plan.phase,
         Duration::from_secs_f64(if paced { 1.0 / plan.rate } else { 1.0 }),
     );
     ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);

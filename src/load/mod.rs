@@ -4,7 +4,10 @@
 //! (client `i` joins room `i % rooms`, with `"history":0`), and the first
 //! `--publishers` members of each room publish, either at `--rate` per second
 //! or as fast as `--window` unanswered publishes allow, for `--duration`
-//! seconds. Every member, publishers included, receives every message of its
+//! seconds. Paced publishers all publish at the same instants (the worst
+//! case for a hub: every room's message at once), or with `--spread` at
+//! instants spread evenly over one period, as independent publishers would.
+//! Every member, publishers included, receives every message of its
 //! room. Each publish carries its send time (unix µs) in `data.t`; receivers
 //! record `now − t`. At the end, after a short drain, every member must have
 //! seen every acked offset of its room; what is missing is reported as lost.
@@ -58,6 +61,10 @@ pub struct LoadArgs {
     /// Publishes per second per publisher; 0 = as fast as --window allows.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
+    /// Spread paced publishers' instants evenly over one period (without it,
+    /// all publish at the same instants).
+    #[arg(long)]
+    pub spread: bool,
     /// Publishes in flight (sent, not yet acked) per publisher, at most.
     #[arg(long, default_value_t = 64)]
     pub window: usize,
@@ -370,7 +377,9 @@ async fn run_load(args: LoadArgs, targets: Targets) -> anyhow::Result<Summary> {
         window: args.window,
         payload: args.payload,
         duration: Duration::from_secs(args.duration),
+        phase: Duration::ZERO,
     };
+    let publishers_total = (args.publishers * args.rooms).max(1);
     let mut handles = Vec::with_capacity(args.clients);
     let mut starts = Vec::new();
     let mut stops = Vec::with_capacity(args.clients);
@@ -394,7 +403,14 @@ async fn run_load(args: LoadArgs, targets: Targets) -> anyhow::Result<Summary> {
             room,
             room_name: names[room].clone(),
             source: source_for(&target.addr, index, args.sources),
-            publish: publishes.then_some(plan),
+            publish: publishes.then(|| PublishPlan {
+                phase: if args.spread {
+                    spread_phase(index, publishers_total, args.rate)
+                } else {
+                    Duration::ZERO
+                },
+                ..plan
+            }),
         };
         let permit = gate.clone().acquire_owned().await?;
         handles.push(tokio::spawn(client::run(
@@ -572,6 +588,15 @@ fn summarize(
     }
 }
 
+/// When publisher `publisher` of `publishers`, each publishing `rate` times a
+/// second, first publishes, after the common start: evenly over one period.
+fn spread_phase(publisher: usize, publishers: usize, rate: f64) -> Duration {
+    if rate <= 0.0 || publishers == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(publisher as f64 / publishers as f64 / rate)
+}
+
 /// Every client's report; a client that does not finish within 30 s is left out.
 async fn collect(handles: Vec<tokio::task::JoinHandle<Report>>) -> Vec<Report> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -585,4 +610,20 @@ async fn collect(handles: Vec<tokio::task::JoinHandle<Report>>) -> Vec<Report> {
         }
     }
     reports
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_publishers_take_turns_over_one_period() {
+        // 4 publishers at 100/s: one every 2.5 ms.
+        let phases: Vec<_> = (0..4).map(|p| spread_phase(p, 4, 100.0)).collect();
+        assert_eq!(phases[0], Duration::ZERO);
+        assert_eq!(phases[2], Duration::from_micros(5_000));
+        assert!(phases[3] < Duration::from_millis(10));
+        // As fast as the window allows: nothing to spread.
+        assert_eq!(spread_phase(3, 4, 0.0), Duration::ZERO);
+    }
 }

@@ -17,15 +17,14 @@ use super::presence::{Change, Presence};
 use super::registry::{RoomContext, RoomRegistry, RoomStats};
 use super::replica::{self, Synced};
 use crate::cluster::{ClusterError, LogAppender, LogMessage, LogRecord, RoomEvent};
-use crate::outbound::{offer, Offer, Outbound};
+use crate::outbound::{Offer, Outbound, SessionLink, WireFrames};
 use crate::protocol::server::MessageTag;
 use crate::protocol::{
     encode, EncodedMessage, Message, PresenceEntry, RoomName, ServerFrame, SessionId, UserId,
 };
 use crate::storage::{new_epoch, RoomSnapshot, StoreError, Take, WriteBatch, WriteOp};
 use actix::prelude::*;
-use bytestring::ByteString;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -37,7 +36,7 @@ const TAIL_MAX_BYTES: usize = 1 << 20;
 /// The most newly durable messages one fan-out hands each member. A node
 /// catching up with the cluster log can have thousands durable at once; in
 /// one go they would fill every session's outbound queue (1013) however fast
-/// its reader, so they go out in groups, one mailbox turn each.
+/// its reader, so they go out in groups, one room turn each.
 const MAX_FANOUT_GROUP: usize = 256;
 /// How often a room expires keys and messages and checks whether it is idle.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(1);
@@ -60,7 +59,7 @@ pub fn now_ms() -> u64 {
 
 struct Member {
     user: UserId,
-    outbox: Recipient<Outbound>,
+    link: SessionLink,
 }
 
 /// A message given an offset, waiting for the store.
@@ -155,8 +154,8 @@ struct RangeQuery {
 /// How the store's writer thread tells a room what became durable without a
 /// message per batch: it raises `upto` and sends one `Persisted` only if none
 /// is pending, so a group commit of many publishes wakes the room once and
-/// the room fans them out together (one mailbox message per member per
-/// group, not per message).
+/// the room fans them out together (one socket write per member per group,
+/// not per message).
 #[derive(Default)]
 pub(crate) struct DurableSignal {
     upto: AtomicU64,
@@ -184,7 +183,7 @@ pub struct RoomActor {
     parked_joins: Vec<(Instant, Join, JoinReply)>,
 }
 
-type JoinReply = tokio::sync::oneshot::Sender<Result<ByteString, RoomError>>;
+type JoinReply = tokio::sync::oneshot::Sender<Result<(), RoomError>>;
 
 /// The longest a resuming join waits for this node to reach its offset.
 const PARKED_JOIN_WAIT: Duration = Duration::from_secs(3);
@@ -231,20 +230,16 @@ impl RoomActor {
             .store(self.members.len(), Ordering::Relaxed);
     }
 
-    /// Offers `frame` to every member `to` accepts; evicts those that cannot keep up.
-    fn fan_out(
-        &mut self,
-        frame: impl Into<Outbound>,
-        to: impl Fn(SessionId, &Member) -> bool,
-    ) -> u64 {
-        let frame = frame.into();
+    /// Offers `frames` to every member `to` accepts (the same bytes to
+    /// each); evicts those that cannot keep up.
+    fn fan_out(&mut self, frames: &WireFrames, to: impl Fn(SessionId, &Member) -> bool) -> u64 {
         let mut delivered = 0;
         let mut lost = Vec::new();
         for (&id, member) in &self.members {
             if !to(id, member) {
                 continue;
             }
-            match offer(&member.outbox, frame.clone()) {
+            match member.link.offer(frames) {
                 Offer::Delivered => delivered += 1,
                 Offer::Evicted => lost.push((id, true)),
                 Offer::Gone => lost.push((id, false)),
@@ -256,7 +251,7 @@ impl RoomActor {
         delivered
     }
 
-    fn add_member(&mut self, session: SessionId, user: UserId, outbox: Recipient<Outbound>) {
+    fn add_member(&mut self, session: SessionId, user: UserId, link: SessionLink) {
         if self.members.contains_key(&session) {
             return;
         }
@@ -264,7 +259,7 @@ impl RoomActor {
         if let Some(change) = self.presence.add_local(&user) {
             self.tell_members(change);
         }
-        self.members.insert(session, Member { user, outbox });
+        self.members.insert(session, Member { user, link });
         self.update_stats();
         self.announce_presence();
     }
@@ -281,7 +276,7 @@ impl RoomActor {
                 user,
             }),
         };
-        self.fan_out(ByteString::from(frame), |_, _| true);
+        self.fan_out(&WireFrames::text(&frame), |_, _| true);
     }
 
     /// Cluster mode: tells the other nodes who is here on this node.
@@ -423,9 +418,7 @@ impl RoomActor {
     /// next use of the room starts it afresh from what is stored.
     fn close(&mut self, ctx: &mut Context<Self>) {
         for member in self.members.values() {
-            member
-                .outbox
-                .do_send(Outbound::RoomClosed(self.name.clone()));
+            member.link.tell(Outbound::RoomClosed(self.name.clone()));
         }
         self.members.clear();
         self.presence.clear_local();
@@ -761,7 +754,7 @@ impl Actor for RoomActor {
 }
 
 impl Handler<Join> for RoomActor {
-    type Result = ResponseFuture<Result<ByteString, RoomError>>;
+    type Result = ResponseFuture<Result<(), RoomError>>;
 
     fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -813,22 +806,35 @@ impl RoomActor {
                 take: Take::Newest,
             },
         };
-        self.add_member(msg.session, msg.user, msg.outbox);
+        let (session, link) = (msg.session, msg.link.clone());
+        self.add_member(msg.session, msg.user, msg.link);
         let history = self.read(query);
         let reference = msg.reference;
         ctx.wait(history.into_actor(self).map(move |history, act, _| {
-            let joined = history.map(|history| {
-                ByteString::from(encode(&ServerFrame::Joined {
-                    reference: reference.as_deref(),
-                    room: &act.name,
-                    epoch,
-                    offset: durable,
-                    history: &history,
-                    recovered: resumable.is_some(),
-                    presence: &act.presence_list(),
-                }))
+            let history = match history {
+                Ok(history) => history,
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                    return;
+                }
+            };
+            // Written here, while the room waits for nothing else, so it
+            // goes out before any message published after it.
+            let joined = encode(&ServerFrame::Joined {
+                reference: reference.as_deref(),
+                room: &act.name,
+                epoch,
+                offset: durable,
+                history: &history,
+                recovered: resumable.is_some(),
+                presence: &act.presence_list(),
             });
-            let _ = reply.send(joined.map_err(RoomError::from));
+            match link.offer_text(&joined) {
+                Offer::Delivered => {}
+                Offer::Evicted => act.drop_members(vec![(session, true)]),
+                Offer::Gone => act.remove_member(session),
+            }
+            let _ = reply.send(Ok(()));
         }));
     }
 
@@ -995,12 +1001,12 @@ impl StreamHandler<async_nats::Message> for RoomActor {
                 let Ok(user) = UserId::parse(&user) else {
                     return;
                 };
-                let frame = ByteString::from(encode(&ServerFrame::Typing {
+                let frame = encode(&ServerFrame::Typing {
                     room: &self.name,
                     user: &user,
                     active,
-                }));
-                self.fan_out(frame, |_, member| member.user != user);
+                });
+                self.fan_out(&WireFrames::text(&frame), |_, member| member.user != user);
             }
         }
     }
@@ -1048,24 +1054,21 @@ impl Handler<Persisted> for RoomActor {
             .into_iter()
             .partition(|(offset, _)| *offset <= durable);
         log.waiting_acks = waiting;
-        if !ready.is_empty() {
-            // Encoded once; every recipient shares these bytes, and gets the
-            // whole group in one mailbox message.
-            let frames: Vec<ByteString> = ready
-                .iter()
-                .map(|p| ByteString::from(p.message.as_str()))
-                .collect();
-            let count = frames.len() as u64;
-            let batch = match frames.len() {
-                1 => Outbound::Frame(frames.into_iter().next().expect("one frame")),
-                _ => Outbound::Frames(Arc::from(frames)),
-            };
-            let delivered = self.fan_out(batch, |_, _| true);
-            self.context.metrics.messages_published.inc_by(count);
-            self.context
-                .metrics
-                .messages_delivered
-                .inc_by(delivered * count);
+        // Publishers first: each gets the group, then its acks, and only then
+        // the other members get the group, so a publisher's next publishes
+        // are not held back by a large room's writes.
+        let publishers: HashSet<SessionId> = ready
+            .iter()
+            .filter_map(|p| p.reply.as_ref().and_then(PublishReply::session))
+            .collect();
+        let frames = (!ready.is_empty()).then(|| {
+            // Encoded once, WebSocket framing included; every recipient gets
+            // the same bytes, the whole group in one write.
+            WireFrames::texts(ready.iter().map(|p| p.message.as_str()))
+        });
+        let mut delivered = 0;
+        if let (Some(frames), false) = (&frames, publishers.is_empty()) {
+            delivered += self.fan_out(frames, |id, _| publishers.contains(&id));
         }
         for pending in ready {
             if let Some(reply) = pending.reply {
@@ -1074,6 +1077,15 @@ impl Handler<Persisted> for RoomActor {
         }
         for (offset, reply) in acks {
             self.reply_ack(reply, offset);
+        }
+        if let Some(frames) = &frames {
+            delivered += self.fan_out(frames, |id, _| !publishers.contains(&id));
+            let count = frames.count() as u64;
+            self.context.metrics.messages_published.inc_by(count);
+            self.context
+                .metrics
+                .messages_delivered
+                .inc_by(delivered * count);
         }
         self.release_parked_joins(ctx);
     }
@@ -1086,12 +1098,12 @@ impl Handler<Typing> for RoomActor {
         let Some(user) = self.members.get(&msg.session).map(|m| m.user.clone()) else {
             return;
         };
-        let frame = ByteString::from(encode(&ServerFrame::Typing {
+        let frame = encode(&ServerFrame::Typing {
             room: &self.name,
             user: &user,
             active: msg.active,
-        }));
-        self.fan_out(frame, |_, member| member.user != user);
+        });
+        self.fan_out(&WireFrames::text(&frame), |_, member| member.user != user);
         if let Some(cluster) = &self.context.cluster {
             cluster.send_room_event(
                 &self.name,
@@ -1117,7 +1129,9 @@ impl Handler<PresenceQuery> for RoomActor {
             room: &self.name,
             users: &self.presence_list(),
         });
-        offer(&member.outbox, Outbound::Frame(frame.into()));
+        if member.link.offer_text(&frame) == Offer::Evicted {
+            self.drop_members(vec![(msg.session, true)]);
+        }
     }
 }
 

@@ -2,12 +2,11 @@
 //! is the whole session ↔ room interface.
 
 use crate::metrics::Metrics;
-use crate::outbound::{error_frame, offer, Outbound};
+use crate::outbound::{error_frame, SessionLink};
 use crate::protocol::{encode, ServerFrame};
 use crate::protocol::{EncodedMessage, ErrorCode, SessionId, Since, UserId};
 use crate::storage::StoreError;
-use actix::{Message, Recipient};
-use bytestring::ByteString;
+use actix::Message;
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
@@ -33,14 +32,15 @@ impl RoomError {
     }
 }
 
-/// Adds a session to the room (or refreshes it if already there) and answers
-/// with the encoded `joined` frame, history included.
+/// Adds a session to the room (or refreshes it if already there). The room
+/// writes `joined` (history included) to the session itself, before any
+/// later message of the room; the answer says whether it did.
 #[derive(Message, Clone)]
-#[rtype(result = "Result<ByteString, RoomError>")]
+#[rtype(result = "Result<(), RoomError>")]
 pub struct Join {
     pub session: SessionId,
     pub user: UserId,
-    pub outbox: Recipient<Outbound>,
+    pub link: SessionLink,
     /// Resume point: replay exactly what came after it, if still retained.
     pub since: Option<Since>,
     /// How many recent messages to replay without (a usable) `since`.
@@ -61,7 +61,7 @@ pub enum PublishReply {
     /// A WebSocket session: an `ack` (or `error`) frame echoing `reference`.
     Session {
         session: SessionId,
-        outbox: Recipient<Outbound>,
+        link: SessionLink,
         reference: Option<String>,
     },
     /// The HTTP API: the offset once durable.
@@ -69,16 +69,24 @@ pub enum PublishReply {
 }
 
 impl PublishReply {
+    /// The publishing session, if a session published.
+    pub fn session(&self) -> Option<SessionId> {
+        match self {
+            PublishReply::Session { session, .. } => Some(*session),
+            PublishReply::Api(_) => None,
+        }
+    }
+
     pub fn ack(self, offset: u64) {
         match self {
             PublishReply::Session {
-                outbox, reference, ..
+                link, reference, ..
             } => {
                 let frame = encode(&ServerFrame::Ack {
                     reference: reference.as_deref(),
                     offset: Some(offset),
                 });
-                offer(&outbox, Outbound::Frame(frame.into()));
+                link.offer_text(&frame);
             }
             PublishReply::Api(tx) => {
                 let _ = tx.send(Ok(offset));
@@ -89,7 +97,7 @@ impl PublishReply {
     pub fn fail(self, metrics: &Metrics, error: RoomError) {
         match self {
             PublishReply::Session {
-                outbox, reference, ..
+                link, reference, ..
             } => {
                 let frame = error_frame(
                     metrics,
@@ -98,7 +106,7 @@ impl PublishReply {
                     &error.to_string(),
                     None,
                 );
-                offer(&outbox, Outbound::Frame(frame));
+                link.offer_text(&frame);
             }
             PublishReply::Api(tx) => {
                 let _ = tx.send(Err(error));
@@ -127,7 +135,7 @@ pub struct Typing {
     pub active: bool,
 }
 
-/// Asks for the `presence` frame, sent to the member's outbox.
+/// Asks for the `presence` frame, sent to the member's session.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct PresenceQuery {

@@ -6,8 +6,9 @@
 //! - [`registry`]: maps names to room actors, starts them on first use; idle
 //!   empty rooms stop themselves and leave the registry.
 //!
-//! A room never touches a socket: it hands encoded frames to sessions'
-//! mailboxes through [`crate::outbound::offer`].
+//! A room never sees a socket: it hands frames encoded once to its members'
+//! [`crate::outbound::SessionLink`]s, which write them to the sessions'
+//! connections without waking the sessions.
 
 pub mod actor;
 pub mod messages;

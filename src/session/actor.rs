@@ -1,16 +1,18 @@
-//! The session actor. Rooms reach it only through [`Outbound`] messages; it
-//! reaches rooms only through the messages in `crate::room::messages`.
+//! The session actor. Rooms and the directory reach it through its
+//! [`SessionLink`]: frames go straight into its connection's outbox (see
+//! `super::outbox`), notices ([`Outbound`]) through its mailbox. It reaches
+//! rooms only through the messages in `crate::room::messages`.
 //!
 //! It owns its connection ([`WsSocket`]): one actor item ([`Io`]) reads and
 //! decodes client frames and sends what is queued, after every wake-up of
-//! the actor, so everything written while handling one batch of mailbox
-//! messages leaves in one socket write.
+//! the actor, so everything the session writes while handling a batch of
+//! client frames leaves in one socket write.
 
 use super::socket::WsSocket;
 use super::upgrade::Admission;
 use crate::auth::Identity;
 use crate::limits::{ConnectionPermit, FrameLimiter};
-use crate::outbound::{error_frame, Outbound};
+use crate::outbound::{error_frame, FrameSink, Outbound, SessionLink};
 use crate::protocol::{
     decode, encode, ClientFrame, CloseCode, ErrorCode, RoomName, ServerFrame, SessionId, Since,
     UserId, PROTOCOL_VERSION,
@@ -65,6 +67,8 @@ pub struct WsSession {
     /// sleeps; other writers schedule a [`Flush`].
     dispatching: bool,
     flush_scheduled: bool,
+    /// See [`WsSession::link`].
+    link: Option<SessionLink>,
     /// This connection's slot in its IP's count, freed when the session ends.
     _permit: Option<ConnectionPermit>,
     closing: bool,
@@ -106,6 +110,7 @@ impl WsSession {
             broken: false,
             dispatching: false,
             flush_scheduled: false,
+            link: None,
             _permit: permit,
             closing: false,
             state,
@@ -122,8 +127,20 @@ impl WsSession {
         self.state.settings.limits.max_frame_bytes
     }
 
-    fn outbox(ctx: &mut Context<Self>) -> Recipient<Outbound> {
-        ctx.address().recipient()
+    /// How rooms and the directory reach this session: frames straight
+    /// into its socket's outbox, notices through its mailbox.
+    fn link(&mut self, ctx: &mut Context<Self>) -> SessionLink {
+        if let Some(link) = &self.link {
+            return link.clone();
+        }
+        let frames: Arc<dyn FrameSink> = match &self.socket {
+            Some(socket) => socket.outbox(),
+            // Only after the session stopped, when nothing joins any more.
+            None => Arc::new(Ended),
+        };
+        let link = SessionLink::new(frames, ctx.address().recipient());
+        self.link = Some(link.clone());
+        link
     }
 
     /// The one way this session writes a frame: through the bounded ledger.
@@ -355,7 +372,7 @@ impl WsSession {
                     key,
                     reply: PublishReply::Session {
                         session: self.id,
-                        outbox: Self::outbox(ctx),
+                        link: self.link(ctx),
                         reference,
                     },
                 });
@@ -477,7 +494,7 @@ impl WsSession {
         let join = Join {
             session: self.id,
             user: self.user.clone(),
-            outbox: Self::outbox(ctx),
+            link: self.link(ctx),
             since,
             history,
             reference,
@@ -500,9 +517,9 @@ impl WsSession {
         ctx.wait(
             attempt.into_actor(self).map(
                 |(room, addr, reference, result), act, ctx| match result {
-                    Ok(joined) => {
+                    // The room has written `joined`.
+                    Ok(()) => {
                         act.rooms.insert(room, addr);
-                        act.write(ctx, joined);
                     }
                     Err(e) => act.send_error(ctx, reference.as_deref(), e.code(), &e.to_string()),
                 },
@@ -616,6 +633,15 @@ impl ActorFuture<WsSession> for Io {
 /// may already have been polled past in this wake-up.
 struct Flush;
 
+/// The frame sink of a session that has ended.
+struct Ended;
+
+impl FrameSink for Ended {
+    fn take(&self, _frames: &crate::outbound::WireFrames) -> crate::outbound::Taken {
+        crate::outbound::Taken::Closed
+    }
+}
+
 impl ActorFuture<WsSession> for Flush {
     type Output = ();
 
@@ -635,13 +661,7 @@ impl Actor for WsSession {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // The mailbox is the session's inbound queue from rooms: bounded, so a
-        // session that cannot keep up is evicted instead of growing memory.
-        ctx.set_mailbox_capacity(self.state.settings.limits.outbound_queue);
         ctx.spawn(Io);
-        self.state
-            .directory
-            .register(&self.user, self.id, Self::outbox(ctx));
         tracing::info!(session = %self.id, user = %self.user, peer = ?self.peer, "connection opened");
         let session = self.id.to_string();
         let welcome = encode(&ServerFrame::Welcome {
@@ -652,6 +672,9 @@ impl Actor for WsSession {
             protocol: PROTOCOL_VERSION,
         });
         self.write(ctx, welcome);
+        // After `welcome`: direct messages go straight to the socket.
+        let link = self.link(ctx);
+        self.state.directory.register(&self.user, self.id, link);
         if let Some(expires_at) = self.identity.expires_at {
             let left = (expires_at * 1000).saturating_sub(crate::room::actor::now_ms());
             ctx.run_later(Duration::from_millis(left), |act, ctx| {
@@ -672,9 +695,14 @@ impl Actor for WsSession {
     /// close frame) take to leave, at most `heartbeat.timeout_ms` without
     /// progress; the drain counts it until then.
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        let (Some(socket), false) = (self.socket.take(), self.broken) else {
+        let Some(socket) = self.socket.take() else {
             return;
         };
+        if self.broken {
+            // Rooms stop writing to it; the socket closes with their last link.
+            socket.end();
+            return;
+        }
         let guard = self.socket_guard.take();
         let stall = Duration::from_millis(self.state.settings.heartbeat.timeout_ms);
         let metrics = self.state.metrics.clone();
@@ -716,15 +744,6 @@ impl Handler<Outbound> for WsSession {
 impl WsSession {
     fn handle_outbound(&mut self, msg: Outbound, ctx: &mut Context<Self>) {
         match msg {
-            Outbound::Frame(frame) => self.write(ctx, frame),
-            Outbound::Frames(frames) => {
-                if let Some(socket) = self.socket.as_mut() {
-                    socket.reserve(frames.iter().map(|f| f.len() + 4).sum());
-                }
-                for frame in frames.iter() {
-                    self.write(ctx, frame);
-                }
-            }
             Outbound::Close(code) => {
                 if code == CloseCode::TooSlow {
                     tracing::warn!(session = %self.id, user = %self.user, "closing a session that cannot keep up");

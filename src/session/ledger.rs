@@ -59,7 +59,7 @@ impl OutboundLedger {
 
     /// Records a data frame; `false` (and nothing recorded) if the queue is full.
     pub fn try_push(&mut self, payload: usize) -> bool {
-        if self.queued() >= self.capacity {
+        if !self.has_room_for(1) {
             return false;
         }
         self.record(payload);
@@ -68,10 +68,20 @@ impl OutboundLedger {
 
     /// Records a control frame (ping, pong, close), which is never refused.
     pub fn record(&mut self, payload: usize) {
+        self.record_wire(Self::wire_len(payload) as usize);
+    }
+
+    /// Whether `frames` more data frames fit in the queue.
+    pub fn has_room_for(&mut self, frames: usize) -> bool {
+        self.queued() + frames <= self.capacity
+    }
+
+    /// Records a frame already encoded, by its length on the wire.
+    pub fn record_wire(&mut self, wire: usize) {
         // Drop what was taken first, so an idle connection's pings do not
         // pile up in `ends`.
         self.queued();
-        self.written += Self::wire_len(payload);
+        self.written += wire as u64;
         self.ends.push_back(self.written);
     }
 }

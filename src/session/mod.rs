@@ -9,7 +9,9 @@
 
 mod actor;
 mod ledger;
+mod outbox;
 mod socket;
 mod upgrade;
 
+pub use outbox::encode_text;
 pub use upgrade::{serve_upgrade, ws_route};

@@ -1,28 +1,21 @@
 //! The WebSocket connection a session owns once the handshake is done: the
-//! TCP socket, the bytes read but not yet decoded, and the frames written but
-//! not yet sent. No HTTP layer stays in between.
+//! TCP socket, the bytes read but not yet decoded, and the [`Outbox`] that
+//! rooms write into too. No HTTP layer stays in between.
 //!
 //! Framing is actix-http's (`ws::Codec` decodes and enforces the frame size
-//! limit, `ws::Parser` encodes). What is owned here is buffering:
-//! - Inbound bytes are read through one buffer per worker thread and only
-//!   what is left of a partial frame is kept, so an idle connection holds no
-//!   read buffer.
-//! - Outbound frames are appended to one buffer that grows on demand and is
-//!   given back once the socket has taken all of it (to a few spares per
-//!   worker thread, so busy sessions do not allocate per wake-up and idle
-//!   ones hold none). The session sends it once per wake-up, so frames that
-//!   arrive together (a room's group, or several mailbox messages) leave in
-//!   one write.
-//! - Every frame is counted in the [`OutboundLedger`] until the socket has
-//!   taken its last byte.
+//! limit, `ws::Parser` encodes). Inbound bytes are read through one buffer
+//! per worker thread and only what is left of a partial frame is kept, so
+//! an idle connection holds no read buffer. Outbound buffering is the
+//! [`Outbox`]'s.
 
-use super::ledger::OutboundLedger;
+use super::outbox::Outbox;
 use actix_codec::Decoder as _;
-use actix_http::ws::{CloseReason, Codec, Frame, OpCode, Parser, ProtocolError};
+use actix_http::ws::{CloseReason, Codec, Frame, OpCode, ProtocolError};
 use bytes::{Buf, BytesMut};
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -35,34 +28,9 @@ const READ_CHUNK: usize = 64 * 1024;
 /// into a reset that could destroy data it has not read yet.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
-/// Spare outbound buffers kept per worker thread, and the largest kept.
-const SPARE_BUFFERS: usize = 32;
-const SPARE_MAX_BYTES: usize = 256 * 1024;
-
 thread_local! {
     /// Every socket on a worker thread reads through this buffer.
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
-    static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
-}
-
-fn spare_buffer() -> BytesMut {
-    SPARE
-        .with(|spare| spare.borrow_mut().pop())
-        .unwrap_or_default()
-}
-
-fn give_back(mut buffer: BytesMut) {
-    buffer.clear();
-    // An empty buffer reclaims the space before its read position.
-    buffer.reserve(1);
-    if buffer.capacity() <= SPARE_MAX_BYTES {
-        SPARE.with(|spare| {
-            let mut spare = spare.borrow_mut();
-            if spare.len() < SPARE_BUFFERS {
-                spare.push(buffer);
-            }
-        });
-    }
 }
 
 /// A connection cut off because its peer took nothing for the whole timeout.
@@ -70,14 +38,10 @@ fn give_back(mut buffer: BytesMut) {
 pub struct Stalled;
 
 pub struct WsSocket {
-    io: TcpStream,
+    io: Arc<TcpStream>,
     codec: Codec,
     inbound: BytesMut,
-    outbound: BytesMut,
-    ledger: OutboundLedger,
-    /// When the socket last took bytes, or when bytes started waiting if
-    /// none were waiting before.
-    progress_at: Instant,
+    outbox: Arc<Outbox>,
 }
 
 impl WsSocket {
@@ -89,14 +53,18 @@ impl WsSocket {
         max_frame_bytes: usize,
         outbound_queue: usize,
     ) -> Self {
+        let io = Arc::new(io);
         Self {
+            outbox: Arc::new(Outbox::new(io.clone(), outbound_queue)),
             io,
             codec: Codec::new().max_size(max_frame_bytes),
             inbound: BytesMut::from(leftover),
-            outbound: BytesMut::new(),
-            ledger: OutboundLedger::new(outbound_queue),
-            progress_at: Instant::now(),
         }
+    }
+
+    /// Where rooms write this connection's frames.
+    pub fn outbox(&self) -> Arc<Outbox> {
+        self.outbox.clone()
     }
 
     /// The next complete frame among the bytes read so far.
@@ -131,78 +99,37 @@ impl WsSocket {
         }
     }
 
-    /// Makes room for `bytes` more outbound bytes at once.
-    pub fn reserve(&mut self, bytes: usize) {
-        self.waiting();
-        self.outbound.reserve(bytes);
-    }
-
     /// Queues a text frame; `false` (and nothing queued) if the outbound
     /// queue is full.
-    pub fn push_text(&mut self, payload: &str) -> bool {
-        if !self.ledger.try_push(payload.len()) {
-            return false;
-        }
-        self.waiting();
-        Parser::write_message(&mut self.outbound, payload, OpCode::Text, true, false);
-        true
+    pub fn push_text(&self, payload: &str) -> bool {
+        self.outbox.push_text(payload)
     }
 
     /// Queues a ping or pong, which is never refused.
-    pub fn push_control(&mut self, op: OpCode, payload: &[u8]) {
-        self.ledger.record(payload.len());
-        self.waiting();
-        Parser::write_message(&mut self.outbound, payload, op, true, false);
+    pub fn push_control(&self, op: OpCode, payload: &[u8]) {
+        self.outbox.push_control(op, payload)
     }
 
     /// Queues a close frame, which is never refused.
-    pub fn push_close(&mut self, reason: Option<CloseReason>) {
-        let len = reason
-            .as_ref()
-            .map_or(0, |r| 2 + r.description.as_ref().map_or(0, String::len));
-        self.ledger.record(len);
-        self.waiting();
-        Parser::write_close(&mut self.outbound, reason, false);
-    }
-
-    /// Before queuing: nothing was waiting, the clock of "no progress"
-    /// starts now, and the buffer comes from the spares.
-    fn waiting(&mut self) {
-        if self.outbound.is_empty() {
-            self.progress_at = Instant::now();
-            if self.outbound.capacity() == 0 {
-                self.outbound = spare_buffer();
-            }
-        }
+    pub fn push_close(&self, reason: Option<CloseReason>) {
+        self.outbox.push_close(reason)
     }
 
     /// Sends what is queued, as far as the socket takes it. `Pending`: the
     /// rest goes when the socket is writable again (the task is woken).
-    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.outbound.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
-        while !self.outbound.is_empty() {
-            ready!(self.io.poll_write_ready(cx))?;
-            match self.io.try_write(&self.outbound) {
-                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) => {
-                    self.outbound.advance(n);
-                    self.ledger.sent(n);
-                    self.progress_at = Instant::now();
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-        // All sent: an idle connection keeps no outbound buffer.
-        give_back(std::mem::take(&mut self.outbound));
-        Poll::Ready(Ok(()))
+    pub fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.outbox.poll_flush(cx)
     }
 
     /// How long bytes have been waiting without the socket taking any.
     pub fn stalled_for(&self) -> Option<Duration> {
-        (!self.outbound.is_empty()).then(|| self.progress_at.elapsed())
+        self.outbox.stalled_for()
+    }
+
+    /// The session ended without lingering (the socket broke or was cut):
+    /// rooms stop writing to it.
+    pub fn end(&self) {
+        self.outbox.end();
     }
 
     /// Shuts the socket down in both directions, whatever is still queued.
@@ -239,7 +166,8 @@ impl WsSocket {
     /// (it stopped reading), then gives the peer [`CLOSE_WAIT`] to close its
     /// own. Progress is what the peer's TCP acknowledges, so a peer that
     /// stopped reading is found even when the kernel took every byte.
-    pub async fn linger(mut self, stall: Duration) -> Result<(), Stalled> {
+    pub async fn linger(self, stall: Duration) -> Result<(), Stalled> {
+        let mut outbound = self.outbox.end();
         let check = (stall / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
         // Bytes written here minus bytes unacknowledged: rises with every ack.
         let mut written = 0i64;
@@ -247,19 +175,19 @@ impl WsSocket {
         let mut since = Instant::now();
         let mut fin = false;
         loop {
-            while !self.outbound.is_empty() {
-                match self.io.try_write(&self.outbound) {
+            while !outbound.is_empty() {
+                match self.io.try_write(&outbound) {
                     Ok(0) => return Ok(()),
                     Ok(n) => {
-                        self.outbound.advance(n);
+                        outbound.advance(n);
                         written += n as i64;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(_) => return Ok(()),
                 }
             }
-            if self.outbound.is_empty() && !fin {
-                self.outbound = BytesMut::new();
+            if outbound.is_empty() && !fin {
+                outbound = BytesMut::new();
                 // SAFETY: as in `cut`.
                 unsafe { libc::shutdown(self.io.as_raw_fd(), libc::SHUT_WR) };
                 fin = true;
@@ -277,7 +205,7 @@ impl WsSocket {
                 return Err(Stalled);
             }
             tokio::select! {
-                ready = self.io.writable(), if !self.outbound.is_empty() => {
+                ready = self.io.writable(), if !outbound.is_empty() => {
                     if ready.is_err() {
                         return Ok(());
                     }
@@ -305,6 +233,7 @@ impl WsSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbound::{FrameSink as _, Taken, WireFrames};
     use tokio::io::AsyncReadExt;
 
     async fn pair() -> (TcpStream, TcpStream) {
@@ -325,7 +254,7 @@ mod tests {
     #[tokio::test]
     async fn frames_queued_together_leave_together_and_no_buffer_stays() {
         let (server, mut client) = pair().await;
-        let mut socket = WsSocket::new(server, &[], 1024, 8);
+        let socket = WsSocket::new(server, &[], 1024, 8);
         assert!(socket.push_text("one"));
         assert!(socket.push_text("two"));
         socket.push_control(OpCode::Ping, b"");
@@ -333,11 +262,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            socket.outbound.capacity(),
+            socket.outbox.buffer_capacity(),
             0,
             "an idle socket keeps no buffer"
         );
-        assert_eq!(socket.ledger.queued(), 0);
+        assert_eq!(socket.outbox.queued(), 0);
         assert_eq!(socket.stalled_for(), None);
         let mut wire = [0u8; 12];
         client.read_exact(&mut wire).await.unwrap();
@@ -364,6 +293,59 @@ mod tests {
         let mut socket = WsSocket::new(server, &masked_text(&"x".repeat(100)), 50, 2);
         assert!(socket.push_text("a") && socket.push_text("b"));
         assert!(!socket.push_text("c"), "two frames queued, none sent");
+        assert_eq!(
+            socket.outbox.take(&WireFrames::text("d")),
+            Taken::Full,
+            "rooms are refused too"
+        );
         assert!(matches!(socket.next_frame(), Err(ProtocolError::Overflow)));
+        socket.end();
+        assert_eq!(socket.outbox.take(&WireFrames::text("e")), Taken::Closed);
+    }
+
+    #[tokio::test]
+    async fn offered_frames_go_straight_out_or_after_what_waits() {
+        let (server, mut client) = pair().await;
+        let socket = WsSocket::new(server, &[], 1024, 8);
+        assert!(socket.push_text("mine"));
+        assert_eq!(socket.outbox.take(&WireFrames::text("room")), Taken::All);
+        std::future::poll_fn(|cx| socket.poll_flush(cx))
+            .await
+            .unwrap();
+        let mut wire = [0u8; 12];
+        client.read_exact(&mut wire).await.unwrap();
+        assert_eq!(&wire, b"\x81\x04mine\x81\x04room", "in the order taken");
+        // Nothing waiting: sent at once, no flush needed.
+        let group = WireFrames::texts(["a", "bc"]);
+        assert_eq!(socket.outbox.take(&group), Taken::All);
+        let mut wire = [0u8; 7];
+        client.read_exact(&mut wire).await.unwrap();
+        assert_eq!(&wire, b"\x81\x01a\x81\x02bc");
+        assert_eq!(socket.outbox.queued(), 0);
+        assert_eq!(socket.outbox.buffer_capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn what_the_socket_cannot_take_at_once_waits_and_the_session_sends_it() {
+        let (server, mut client) = pair().await;
+        let socket = WsSocket::new(server, &[], 8 << 20, 8);
+        // Registers the session's task.
+        std::future::poll_fn(|cx| socket.poll_flush(cx))
+            .await
+            .unwrap();
+        let big = "x".repeat(4 << 20);
+        assert_eq!(socket.outbox.take(&WireFrames::text(&big)), Taken::All);
+        assert!(socket.stalled_for().is_some(), "the rest waits");
+        assert_eq!(socket.outbox.queued(), 1);
+        let read = async {
+            let mut wire = vec![0u8; 10 + big.len()];
+            client.read_exact(&mut wire).await.unwrap();
+            wire
+        };
+        let (wire, flushed) = tokio::join!(read, std::future::poll_fn(|cx| socket.poll_flush(cx)));
+        flushed.unwrap();
+        assert_eq!(&wire[..2], b"\x81\x7f");
+        assert!(wire[10..].iter().all(|&b| b == b'x'));
+        assert_eq!(socket.outbox.queued(), 0);
     }
 }
