@@ -76,7 +76,7 @@ impl Default for StorageSettings {
         Self {
             data_dir: PathBuf::from("./data"),
             durability: Durability::Sync,
-            commit_delay_us: 2000,
+            commit_delay_us: 4000,
         }
     }
 }

@@ -224,12 +224,12 @@ impl FrameSink for Outbox {
         if !state.ledger.has_room_for(frames.count()) {
             return Taken::Full;
         }
-        for &len in frames.lens() {
-            state.ledger.record_wire(len);
-        }
         let bytes = frames.bytes();
         if !state.waiting.is_empty() {
             // A send is coming (see the invariant); these go after.
+            for &len in frames.lens() {
+                state.ledger.record_wire(len);
+            }
             state.waiting.extend_from_slice(bytes);
             return Taken::All;
         }
@@ -245,17 +245,22 @@ impl FrameSink for Outbox {
                 return Taken::Closed;
             }
         };
+        if sent == bytes.len() {
+            // The common case: nothing was queued, so nothing to count.
+            return Taken::All;
+        }
+        for &len in frames.lens() {
+            state.ledger.record_wire(len);
+        }
         if sent > 0 {
             state.took(sent);
         }
-        if sent < bytes.len() {
-            state.start_waiting();
-            state.waiting.extend_from_slice(&bytes[sent..]);
-            // Nobody else is about to send these: the session waits for
-            // the socket to be writable, then sends them.
-            if let Some(session) = &state.session {
-                session.wake_by_ref();
-            }
+        state.start_waiting();
+        state.waiting.extend_from_slice(&bytes[sent..]);
+        // Nobody else is about to send these: the session waits for the
+        // socket to be writable, then sends them.
+        if let Some(session) = &state.session {
+            session.wake_by_ref();
         }
         Taken::All
     }

@@ -4,7 +4,9 @@
 //! waiting, applies them as one sled batch and, with `durability = sync`,
 //! flushes once for all of them before calling their `done`: under load many
 //! publishes share one fsync. With `batched` it calls `done` right after the
-//! apply and flushes when it has been idle or every [`BATCHED_FLUSH_EVERY`].
+//! apply, and sled's own flusher thread flushes every [`BATCHED_FLUSH_EVERY`]
+//! alongside (the writer never stops to flush, and a steady stream of
+//! writes cannot postpone the flush).
 
 use super::keys::{self, LOG_TREE, META_TREE, NODE_ID_KEY};
 use super::{
@@ -18,7 +20,7 @@ use serde_json::value::RawValue;
 use std::path::Path;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How stale the disk may get with `durability = batched`.
 pub const BATCHED_FLUSH_EVERY: Duration = Duration::from_millis(10);
@@ -49,11 +51,15 @@ impl SledStore {
         durability: Durability,
         commit_delay: Duration,
     ) -> Result<SledStore, StoreError> {
+        let flush_every = match durability {
+            // The writer flushes every group (see the module docs).
+            Durability::Sync => None,
+            Durability::Batched => Some(BATCHED_FLUSH_EVERY.as_millis() as u64),
+        };
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(256 * 1024 * 1024)
-            // The writer thread decides when to flush (see the module docs).
-            .flush_every_ms(None)
+            .flush_every_ms(flush_every)
             .open()?;
         let from = migrate::migrate(&db)?;
         if from != migrate::CURRENT_VERSION {
@@ -278,27 +284,8 @@ struct Writer {
 
 impl Writer {
     fn run(self, jobs: mpsc::Receiver<Job>) {
-        let mut dirty_since: Option<Instant> = None;
         let mut last_group = 0;
-        loop {
-            let first = match dirty_since {
-                Some(since) => {
-                    let wait = BATCHED_FLUSH_EVERY.saturating_sub(since.elapsed());
-                    match jobs.recv_timeout(wait) {
-                        Ok(job) => job,
-                        Err(mpsc::RecvTimeoutError::Timeout) => {
-                            self.flush_logged();
-                            dirty_since = None;
-                            continue;
-                        }
-                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                    }
-                }
-                None => match jobs.recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
-                },
-            };
+        while let Ok(first) = jobs.recv() {
             let group = gather(&jobs, first, last_group > 1, self.commit_delay);
             last_group = group.len();
             let mut batch = sled::Batch::default();
@@ -315,13 +302,8 @@ impl Writer {
             }
             let mut result = self.log.apply_batch(batch).map_err(StoreError::from);
             let must_flush = self.durability == Durability::Sync || !flush_waiters.is_empty();
-            if result.is_ok() {
-                if must_flush {
-                    result = self.db.flush().map(|_| ()).map_err(StoreError::from);
-                    dirty_since = None;
-                } else if dirty_since.is_none() {
-                    dirty_since = Some(Instant::now());
-                }
+            if result.is_ok() && must_flush {
+                result = self.db.flush().map(|_| ()).map_err(StoreError::from);
             }
             if let Err(e) = &result {
                 tracing::error!(error = %e, "store write failed");
