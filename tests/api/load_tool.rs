@@ -75,9 +75,9 @@ async fn a_max_rate_run_delivers_every_acked_message_to_every_member() {
 #[tokio::test]
 async fn a_paced_run_publishes_at_the_rate_asked() {
     let app = TestApp::spawn_with(&UNTHROTTLED).await;
-    let s = load(
-        &app,
-        &[
+    // All publishers at the same instants, then spread over the period.
+    for spread in [None, Some("--spread")] {
+        let mut args = vec![
             "--clients",
             "20",
             "--rooms",
@@ -88,15 +88,24 @@ async fn a_paced_run_publishes_at_the_rate_asked() {
             "20",
             "--duration",
             "2",
-        ],
-    );
-    // 2 rooms × 2 publishers × 20/s × 2 s = 160, give or take a tick; never
-    // the thousands an unpaced run would send (a slow machine may send fewer).
-    let acked = u(&s, "acked");
-    assert!((80..=170).contains(&acked), "{s}");
-    assert_eq!(u(&s, "sent"), acked, "{s}");
-    assert_eq!(u(&s, "deliveries"), acked * 10, "{s}");
-    assert_eq!(u(&s, "lost"), 0, "{s}");
+            "--room-prefix",
+            if spread.is_some() {
+                "spread"
+            } else {
+                "aligned"
+            },
+        ];
+        args.extend(spread);
+        let s = load(&app, &args);
+        // 2 rooms × 2 publishers × 20/s × 2 s = 160, give or take a tick;
+        // never the thousands an unpaced run would send (a slow machine may
+        // send fewer).
+        let acked = u(&s, "acked");
+        assert!((80..=170).contains(&acked), "{spread:?}: {s}");
+        assert_eq!(u(&s, "sent"), acked, "{spread:?}: {s}");
+        assert_eq!(u(&s, "deliveries"), acked * 10, "{spread:?}: {s}");
+        assert_eq!(u(&s, "lost"), 0, "{spread:?}: {s}");
+    }
 }
 
 #[tokio::test]
