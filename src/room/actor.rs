@@ -806,10 +806,14 @@ impl RoomActor {
                 take: Take::Newest,
             },
         };
-        let (session, link) = (msg.session, msg.link.clone());
-        self.add_member(msg.session, msg.user, msg.link);
         let history = self.read(query);
-        let reference = msg.reference;
+        let Join {
+            session,
+            user,
+            link,
+            reference,
+            ..
+        } = msg;
         ctx.wait(history.into_actor(self).map(move |history, act, _| {
             let history = match history {
                 Ok(history) => history,
@@ -818,8 +822,11 @@ impl RoomActor {
                     return;
                 }
             };
-            // Written here, while the room waits for nothing else, so it
-            // goes out before any message published after it.
+            // The member joins here, while the room waits for nothing else,
+            // and `joined` is its first frame from the room: several joins
+            // answered in one turn (parked ones) each get theirs before any
+            // `user_joined` of the next.
+            act.add_member(session, user, link.clone());
             let joined = encode(&ServerFrame::Joined {
                 reference: reference.as_deref(),
                 room: &act.name,
@@ -1054,12 +1061,16 @@ impl Handler<Persisted> for RoomActor {
             .into_iter()
             .partition(|(offset, _)| *offset <= durable);
         log.waiting_acks = waiting;
-        // Publishers first: each gets the group, then its acks, and only then
-        // the other members get the group, so a publisher's next publishes
-        // are not held back by a large room's writes.
+        // Sessions with an ack due first: each gets the group, then its
+        // acks (never an ack before its message), and only then the other
+        // members get the group, so a publisher's next publishes are not held
+        // back by a large room's writes. Acks due include those that waited
+        // for this group (cluster mode, and repeated keys).
         let publishers: HashSet<SessionId> = ready
             .iter()
-            .filter_map(|p| p.reply.as_ref().and_then(PublishReply::session))
+            .filter_map(|p| p.reply.as_ref())
+            .chain(acks.iter().map(|(_, reply)| reply))
+            .filter_map(PublishReply::session)
             .collect();
         let frames = (!ready.is_empty()).then(|| {
             // Encoded once, WebSocket framing included; every recipient gets

@@ -2,7 +2,7 @@
 //! (JetStream), talking over loopback. Every receiver's whole sequence is
 //! compared, not just counts.
 
-use crate::helpers::{offsets, TestClient, WAIT};
+use crate::helpers::{message_before_ack, offsets, TestClient, WAIT};
 use crate::nats::{spawn_node, wait_ready, NatsServer};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -525,4 +525,50 @@ async fn with_short_heartbeats_a_live_node_never_lapses_from_presence() {
     // Killed, bob leaves.
     b.kill9();
     assert_eq!(ann.next_of("user_left").await["user"], "bob");
+}
+
+/// Every ack waits for the record to come back from the cluster log, so it
+/// is answered with the group that makes it durable here: the publisher
+/// still gets its message first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publisher_gets_its_message_before_its_ack() {
+    let nats = NatsServer::start();
+    let node = spawn_node(&nats, None, &[]).await;
+    let mut writer = node.connect("user=writer").await;
+    writer.join("ackorder").await;
+    let mut early = Vec::new();
+    for n in 0..20 {
+        let r = format!("p{n}");
+        writer
+            .send(json!({"type": "publish", "room": "ackorder", "data": n, "ref": r}))
+            .await;
+        if !message_before_ack(&mut writer, &json!(n), &r).await {
+            early.push(n);
+        }
+    }
+    assert!(early.is_empty(), "ack before its own message: {early:?}");
+}
+
+/// Two resuming joins parked together are answered in one turn of the room:
+/// each gets `joined` before anything else of the room (here the other's
+/// `user_joined`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parked_joins_answered_together_each_get_joined_first() {
+    let nats = NatsServer::start();
+    let node = spawn_node(&nats, None, &[]).await;
+    let mut carol = node.connect("user=carol").await;
+    let epoch = carol.join("parked").await["epoch"].clone();
+    let mut alice = node.connect("user=alice").await;
+    let mut bob = node.connect("user=bob").await;
+    // Ahead of this node: both wait the whole parking bound.
+    let since = json!({"epoch": epoch, "offset": 1_000_000});
+    alice
+        .send(json!({"type": "join", "room": "parked", "since": since, "ref": "j"}))
+        .await;
+    bob.send(json!({"type": "join", "room": "parked", "since": since, "ref": "j"}))
+        .await;
+    for client in [&mut alice, &mut bob] {
+        let first = client.next().await;
+        assert_eq!(first["type"], "joined", "{first}");
+    }
 }

@@ -359,3 +359,25 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
         .port()
 }
+
+/// Reads until the reply carrying `reference` (an `ack`); `true` if the
+/// `message` with `data` arrived before it. The message is read either way.
+pub async fn message_before_ack(c: &mut TestClient, data: &Value, reference: &str) -> bool {
+    let mut seen = false;
+    loop {
+        let f = c.next().await;
+        if f["type"] == "message" && &f["data"] == data {
+            seen = true;
+        }
+        if f["ref"] == reference {
+            assert_eq!(f["type"], "ack", "{f}");
+            break;
+        }
+    }
+    let first = seen;
+    while !seen {
+        let f = c.next().await;
+        seen = f["type"] == "message" && &f["data"] == data;
+    }
+    first
+}

@@ -279,3 +279,28 @@ async fn idle_empty_rooms_stop_and_start_again_on_demand() {
     assert_eq!(offsets(&joined["history"]), vec![1]);
     assert_eq!(c.publish("brief", json!("more")).await, 2);
 }
+
+/// A repeated key (a retry from another connection) is acked with the group
+/// that makes the first publish durable: after its message, on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repeated_key_is_acked_after_its_message() {
+    let app = TestApp::spawn_with(FAST).await;
+    let mut a = app.connect("user=u").await;
+    let mut b = app.connect("user=u").await;
+    a.join("dedup").await;
+    b.join("dedup").await;
+    let mut early = Vec::new();
+    for n in 0..50 {
+        let key = format!("k{n}");
+        let fa = json!({"type": "publish", "room": "dedup", "data": n, "key": key, "ref": "a"});
+        let fb = json!({"type": "publish", "room": "dedup", "data": n, "key": key, "ref": "b"});
+        tokio::join!(a.send(fa), b.send(fb));
+        if !message_before_ack(&mut a, &json!(n), "a").await {
+            early.push(("a", n));
+        }
+        if !message_before_ack(&mut b, &json!(n), "b").await {
+            early.push(("b", n));
+        }
+    }
+    assert!(early.is_empty(), "ack before its message: {early:?}");
+}
