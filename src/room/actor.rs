@@ -24,7 +24,7 @@ use crate::protocol::{
 };
 use crate::storage::{new_epoch, RoomSnapshot, StoreError, Take, WriteBatch, WriteOp};
 use actix::prelude::*;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -1066,12 +1066,17 @@ impl Handler<Persisted> for RoomActor {
         // members get the group, so a publisher's next publishes are not held
         // back by a large room's writes. Acks due include those that waited
         // for this group (cluster mode, and repeated keys).
-        let publishers: HashSet<SessionId> = ready
+        // Sorted for a binary search per member: usually one or a few, and
+        // cheaper than hashing every member's id twice per group.
+        let mut publishers: Vec<SessionId> = ready
             .iter()
             .filter_map(|p| p.reply.as_ref())
             .chain(acks.iter().map(|(_, reply)| reply))
             .filter_map(PublishReply::session)
             .collect();
+        publishers.sort_unstable();
+        publishers.dedup();
+        let is_publisher = |id: &SessionId| publishers.binary_search(id).is_ok();
         let frames = (!ready.is_empty()).then(|| {
             // Encoded once, WebSocket framing included; every recipient gets
             // the same bytes, the whole group in one write.
@@ -1079,7 +1084,7 @@ impl Handler<Persisted> for RoomActor {
         });
         let mut delivered = 0;
         if let (Some(frames), false) = (&frames, publishers.is_empty()) {
-            delivered += self.fan_out(frames, |id, _| publishers.contains(&id));
+            delivered += self.fan_out(frames, |id, _| is_publisher(&id));
         }
         for pending in ready {
             if let Some(reply) = pending.reply {
@@ -1090,7 +1095,7 @@ impl Handler<Persisted> for RoomActor {
             self.reply_ack(reply, offset);
         }
         if let Some(frames) = &frames {
-            delivered += self.fan_out(frames, |id, _| !publishers.contains(&id));
+            delivered += self.fan_out(frames, |id, _| !is_publisher(&id));
             let count = frames.count() as u64;
             self.context.metrics.messages_published.inc_by(count);
             self.context

@@ -633,15 +633,6 @@ impl ActorFuture<WsSession> for Io {
 /// may already have been polled past in this wake-up.
 struct Flush;
 
-/// The frame sink of a session that has ended.
-struct Ended;
-
-impl FrameSink for Ended {
-    fn take(&self, _frames: &crate::outbound::WireFrames) -> crate::outbound::Taken {
-        crate::outbound::Taken::Closed
-    }
-}
-
 impl ActorFuture<WsSession> for Flush {
     type Output = ();
 
@@ -654,6 +645,15 @@ impl ActorFuture<WsSession> for Flush {
         act.flush_scheduled = false;
         act.flush(ctx, task);
         Poll::Ready(())
+    }
+}
+
+/// The frame sink of a session that has ended.
+struct Ended;
+
+impl FrameSink for Ended {
+    fn take(&self, _frames: &crate::outbound::WireFrames) -> crate::outbound::Taken {
+        crate::outbound::Taken::Closed
     }
 }
 
