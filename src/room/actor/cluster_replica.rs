@@ -1,0 +1,278 @@
+//! Cluster mode: the room follows its cluster log (catch-up, then records in
+//! log order), hands publishes to it, and exchanges presence and typing
+//! with the other nodes serving the room.
+
+use super::*;
+
+impl RoomActor {
+    /// Cluster mode: tells the other nodes who is here on this node.
+    pub(super) fn announce_presence(&mut self) {
+        let Some(cluster) = &self.context.cluster else {
+            return;
+        };
+        if self.log.is_none() {
+            return;
+        }
+        cluster.send_room_event(
+            &self.name,
+            &RoomEvent::Presence {
+                node: cluster.node_id().to_owned(),
+                users: self.presence.local_counts(),
+            },
+        );
+        self.announced = Instant::now();
+    }
+
+    /// Cluster mode: retries a failed catch-up, forgets the presence of nodes
+    /// gone silent, and refreshes this node's presence for the others.
+    pub(super) fn maintain_cluster(&mut self, ctx: &mut Context<Self>) {
+        if self.log.is_none() && !self.syncing {
+            self.start_sync(ctx);
+        }
+        self.release_parked_joins(ctx);
+    }
+
+    /// Cluster mode: how often this node tells the others its presence (at
+    /// least twice per `heartbeat.timeout_ms`, so a live node never lapses),
+    /// and how often it checks theirs (twice per announcement, so a silent
+    /// node is gone within 1.25 × the timeout, inside the contract's 2 ×).
+    pub(super) fn presence_periods(&self) -> (Duration, Duration) {
+        let heartbeat = &self.context.settings.heartbeat;
+        let announce = Duration::from_millis(heartbeat.interval_ms.min(heartbeat.timeout_ms / 2));
+        let check = (announce / 2).clamp(Duration::from_millis(5), MAINTENANCE_EVERY);
+        (announce, check)
+    }
+
+    /// Cluster mode: forgets the presence of nodes gone silent and refreshes
+    /// this node's presence for the others.
+    pub(super) fn tick_presence(&mut self) {
+        if self.log.is_none() {
+            return;
+        }
+        let timeout = Duration::from_millis(self.context.settings.heartbeat.timeout_ms);
+        let (announce_every, _) = self.presence_periods();
+        if let Some(cutoff) = Instant::now().checked_sub(timeout) {
+            let changes = self.presence.expire_remote(cutoff);
+            if !changes.is_empty() {
+                for change in changes {
+                    self.tell_members(change);
+                }
+                self.update_stats();
+            }
+        }
+        if self.presence.local_users() > 0 && self.announced.elapsed() >= announce_every {
+            self.announce_presence();
+        }
+    }
+
+    /// Cluster mode: catches up with the room's cluster log; the mailbox
+    /// waits meanwhile, so nothing is answered from a log that is behind.
+    pub(super) fn start_sync(&mut self, ctx: &mut Context<Self>) {
+        let Some(cluster) = self.context.cluster.clone() else {
+            return;
+        };
+        self.syncing = true;
+        let catch_up = replica::catch_up(
+            self.context.clone(),
+            cluster,
+            self.name.clone(),
+            TAIL_MAX_MESSAGES,
+        );
+        ctx.wait(catch_up.into_actor(self).map(|result, act, ctx| {
+            act.syncing = false;
+            match result {
+                Ok(synced) => act.synced(ctx, synced),
+                Err(error) => {
+                    tracing::warn!(room = %act.name, %error, "room not caught up with the cluster; retrying")
+                }
+            }
+        }));
+    }
+
+    pub(super) fn synced(&mut self, ctx: &mut Context<Self>, synced: Synced) {
+        let Some(cluster) = self.context.cluster.clone() else {
+            return;
+        };
+        let Synced {
+            snapshot,
+            caught_up,
+            follow,
+            events,
+        } = synced;
+        self.loaded(snapshot);
+        if let Some(log) = self.log.as_mut() {
+            for message in caught_up {
+                log.durable = message.offset;
+                log.last_assigned = message.offset;
+                log.push_tail(message);
+            }
+        }
+        ctx.add_stream(follow);
+        ctx.add_stream(events);
+        self.appender = Some(cluster.appender(&self.name));
+        cluster.send_room_event(
+            &self.name,
+            &RoomEvent::Sync {
+                node: cluster.node_id().to_owned(),
+            },
+        );
+        self.announce_presence();
+    }
+
+    /// Cluster mode: a record of the room's cluster log, in log order.
+    pub(super) fn apply(&mut self, ctx: &mut Context<Self>, message: EncodedMessage) {
+        let Some(log) = self.log.as_mut() else { return };
+        // A repeat: the ordered consumer re-delivers after re-creating itself.
+        if message.offset <= log.last_assigned {
+            return;
+        }
+        let mut ops = Vec::new();
+        if message.offset > log.last_assigned + 1 {
+            // Pruned from the cluster log before this node saw them.
+            if log.first_retained <= log.last_assigned {
+                ops.push(WriteOp::Prune {
+                    from: log.first_retained,
+                    to: log.last_assigned + 1,
+                });
+            }
+            log.forget_before(message.offset);
+        }
+        log.last_assigned = message.offset;
+        self.append(ctx, ops, message, None, None);
+    }
+
+    /// Cluster mode: hands a publish to the cluster log; the ack comes with
+    /// JetStream's, the fan-out when the record comes back in log order.
+    pub(super) fn publish_to_cluster(&mut self, msg: Publish, ctx: &mut Context<Self>) {
+        let (Some(cluster), Some(appender)) = (&self.context.cluster, &self.appender) else {
+            return self.reply_error(msg.reply, self.not_ready());
+        };
+        if !cluster.is_linked() {
+            return self.reply_error(msg.reply, RoomError::Unavailable(ClusterError::LinkDown));
+        }
+        let id = new_message_id();
+        let record = LogRecord {
+            id: &id,
+            user: msg.user.as_str(),
+            data: &msg.data,
+            ts: now_ms(),
+        };
+        let payload = match serde_json::to_vec(&record) {
+            Ok(payload) => payload,
+            Err(e) => {
+                let error = RoomError::Unavailable(ClusterError::Log(e.to_string()));
+                return self.reply_error(msg.reply, error);
+            }
+        };
+        let (reply, metrics, room) = (msg.reply, self.context.metrics.clone(), ctx.address());
+        appender.append(
+            payload,
+            msg.key,
+            Box::new(move |result| match result {
+                Ok(offset) => room.do_send(Committed { offset, reply }),
+                Err(error) => reply.fail(&metrics, RoomError::Unavailable(error)),
+            }),
+        );
+    }
+}
+
+/// Cluster mode: JetStream has stored a publish of this node. The ack waits
+/// until this node's room has it too (durable here, fanned out), so a client
+/// that got its ack finds the message on this node at once (in `history`, in
+/// a `join`), and publishers cannot run ahead of this node's deliveries.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct Committed {
+    offset: u64,
+    reply: PublishReply,
+}
+
+impl Handler<Committed> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Committed, _ctx: &mut Context<Self>) {
+        match self.log.as_mut() {
+            Some(log) if msg.offset > log.durable => log.waiting_acks.push((msg.offset, msg.reply)),
+            _ => self.reply_ack(msg.reply, msg.offset),
+        }
+    }
+}
+
+/// Cluster mode: the room's log, in order, from JetStream.
+impl StreamHandler<LogMessage> for RoomActor {
+    fn handle(&mut self, item: LogMessage, ctx: &mut Context<Self>) {
+        let record = match item {
+            Ok(record) => record,
+            Err(error) => {
+                return tracing::warn!(room = %self.name, %error, "cluster log delivery");
+            }
+        };
+        let Ok(seq) = record.info().map(|info| info.stream_sequence) else {
+            return tracing::warn!(room = %self.name, "a cluster record without JetStream info");
+        };
+        match LogRecord::decode(&record.payload).and_then(|r| r.to_message(&self.name, seq)) {
+            Ok(message) => self.apply(ctx, message),
+            Err(error) => {
+                // Not ours (something else published on the room's subject):
+                // skip its offset, so the next record is not taken for a gap
+                // left by pruning (which would forget the history before it).
+                tracing::warn!(room = %self.name, seq, %error, "skipped a cluster record");
+                if let Some(log) = self.log.as_mut() {
+                    log.last_assigned = log.last_assigned.max(seq);
+                }
+            }
+        }
+    }
+
+    /// The ordered consumer gave up (it retries through link losses, so this
+    /// is rare): catch up again from what is stored.
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        tracing::warn!(room = %self.name, "cluster log ended; catching up again");
+        self.close(ctx);
+    }
+}
+
+/// Cluster mode: presence and typing from the other nodes in the room.
+impl StreamHandler<async_nats::Message> for RoomActor {
+    fn handle(&mut self, event: async_nats::Message, _ctx: &mut Context<Self>) {
+        let Ok(event) = serde_json::from_slice::<RoomEvent>(&event.payload) else {
+            return tracing::warn!(room = %self.name, "ignored a malformed cluster event");
+        };
+        let Some(cluster) = self.context.cluster.clone() else {
+            return;
+        };
+        if event.node() == cluster.node_id() {
+            return;
+        }
+        match event {
+            RoomEvent::Presence { node, users } => {
+                let users = users
+                    .into_iter()
+                    .filter_map(|(user, n)| UserId::parse(&user).ok().map(|u| (u, n)))
+                    .collect();
+                for change in self.presence.set_remote(&node, users, Instant::now()) {
+                    self.tell_members(change);
+                }
+                self.update_stats();
+            }
+            RoomEvent::Sync { .. } => {
+                if self.presence.local_users() > 0 {
+                    self.announce_presence();
+                }
+            }
+            RoomEvent::Typing { user, active, .. } => {
+                let Ok(user) = UserId::parse(&user) else {
+                    return;
+                };
+                let frame = encode(&ServerFrame::Typing {
+                    room: &self.name,
+                    user: &user,
+                    active,
+                });
+                self.fan_out(&WireFrames::text(&frame), |_, member| member.user != user);
+            }
+        }
+    }
+
+    fn finished(&mut self, _ctx: &mut Context<Self>) {}
+}

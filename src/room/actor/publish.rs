@@ -1,0 +1,183 @@
+//! The publish path: a publish gets the next offset and goes to the store;
+//! pruning (count and age) and store failures.
+
+use super::*;
+
+impl Handler<Publish> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Publish, ctx: &mut Context<Self>) {
+        if let PublishReply::Session { session, .. } = &msg.reply {
+            if !self.members.contains_key(session) {
+                return self.reply_error(msg.reply, RoomError::NotJoined);
+            }
+        }
+        if self.context.cluster.is_some() {
+            return self.publish_to_cluster(msg, ctx);
+        }
+        let window_ms = self.settings().history.dedup_window_secs * 1000;
+        let Some(log) = self.log.as_mut() else {
+            return self.reply_error(msg.reply, RoomError::Restarting);
+        };
+        let now = now_ms();
+        if let Some(&(offset, seen)) = msg.key.as_ref().and_then(|k| log.keys.get(k)) {
+            if now.saturating_sub(seen) < window_ms {
+                if offset <= log.durable {
+                    self.reply_ack(msg.reply, offset);
+                } else {
+                    log.waiting_acks.push((offset, msg.reply));
+                }
+                return;
+            }
+        }
+        let offset = log.last_assigned + 1;
+        log.last_assigned = offset;
+        let id = new_message_id();
+        let message = Message {
+            kind: MessageTag,
+            room: &self.name,
+            offset,
+            id: &id,
+            user: &msg.user,
+            data: &msg.data,
+            ts: now,
+        }
+        .encode();
+        if let Some(key) = &msg.key {
+            log.keys.insert(key.clone(), (offset, now));
+        }
+        self.append(ctx, Vec::new(), message, msg.key, Some(msg.reply));
+    }
+}
+
+impl RoomActor {
+    /// Queues an offset-assigned message for the store (pruning to
+    /// `history.max_per_room`); it is fanned out once durable.
+    pub(super) fn append(
+        &mut self,
+        ctx: &mut Context<Self>,
+        mut ops: Vec<WriteOp>,
+        message: EncodedMessage,
+        key: Option<String>,
+        reply: Option<PublishReply>,
+    ) {
+        let max_per_room = self.settings().history.max_per_room;
+        let Some(log) = self.log.as_mut() else { return };
+        let offset = message.offset;
+        ops.push(WriteOp::Append {
+            message: message.clone(),
+            key,
+        });
+        if offset + 1 - log.first_retained > max_per_room {
+            let keep_from = offset + 1 - max_per_room;
+            ops.push(WriteOp::Prune {
+                from: log.first_retained,
+                to: keep_from,
+            });
+            log.forget_before(keep_from);
+        }
+        log.unpersisted.push_back(Pending { message, reply });
+        self.write(ctx, ops, Some(offset));
+    }
+
+    /// Sends ops to the store; `upto` marks a batch that makes offsets durable.
+    pub(super) fn write(&self, ctx: &mut Context<Self>, ops: Vec<WriteOp>, upto: Option<u64>) {
+        let Some(log) = &self.log else { return };
+        let addr = ctx.address();
+        let room = self.name.clone();
+        let signal = self.durable_signal.clone();
+        let batch = WriteBatch {
+            room: self.name.clone(),
+            epoch: log.epoch,
+            ops,
+        };
+        self.context.store.write(
+            batch,
+            Box::new(move |result| match (upto, result) {
+                (Some(upto), Ok(())) => {
+                    signal.upto.fetch_max(upto, Ordering::SeqCst);
+                    if !signal.pending.swap(true, Ordering::SeqCst) {
+                        addr.do_send(Persisted { result: Ok(()) });
+                    }
+                }
+                (Some(_), Err(error)) => addr.do_send(Persisted { result: Err(error) }),
+                (None, result) => {
+                    if let Err(error) = result {
+                        tracing::warn!(%room, %error, "room housekeeping write failed");
+                    }
+                }
+            }),
+        );
+    }
+
+    /// Prunes messages older than `history.ttl_secs`.
+    pub(super) fn expire_messages(&mut self, ctx: &mut Context<Self>, now: u64) {
+        let ttl_ms = self.settings().history.ttl_secs * 1000;
+        let Some(log) = self.log.as_ref() else { return };
+        if ttl_ms == 0 || log.first_retained > log.durable {
+            return;
+        }
+        let cutoff = now.saturating_sub(ttl_ms);
+        // Nothing to do when the oldest retained message is in the tail and young.
+        if log
+            .tail
+            .front()
+            .is_some_and(|m| m.offset == log.first_retained && m.ts >= cutoff)
+        {
+            return;
+        }
+        let (store, room, from, durable) = (
+            self.context.store.clone(),
+            self.name.clone(),
+            log.first_retained,
+            log.durable,
+        );
+        let find = tokio::task::spawn_blocking(move || store.first_unexpired(&room, from, cutoff));
+        ctx.spawn(find.into_actor(self).map(move |found, act, ctx| {
+            let Ok(Ok(keep_from)) = found else { return };
+            let keep_from = keep_from.min(durable + 1);
+            let Some(log) = act.log.as_mut() else { return };
+            if keep_from > log.first_retained {
+                let from = log.first_retained;
+                log.forget_before(keep_from);
+                act.write(
+                    ctx,
+                    vec![WriteOp::Prune {
+                        from,
+                        to: keep_from,
+                    }],
+                    None,
+                );
+            }
+        }));
+    }
+
+    /// The store failed: nothing after `durable` can be trusted. Refuse what is
+    /// pending, drop every member (they are told, and may join again) and stop,
+    /// so the next use reloads the room from the store.
+    pub(super) fn fail(&mut self, ctx: &mut Context<Self>, error: StoreError) {
+        tracing::error!(room = %self.name, %error, "room stopped after a store failure");
+        if let Some(log) = self.log.take() {
+            for pending in log.unpersisted {
+                if let Some(reply) = pending.reply {
+                    self.reply_error(reply, RoomError::Store(error.clone()));
+                }
+            }
+            for (_, reply) in log.waiting_acks {
+                self.reply_error(reply, RoomError::Store(error.clone()));
+            }
+        }
+        self.close(ctx);
+    }
+
+    /// A room without a log gets a new epoch in memory; the log (and the
+    /// epoch with it) is written with its first message, so joining rooms
+    /// that never see a message leaves nothing on disk. An epoch that was
+    /// never written covered no messages, so losing it in a restart costs a
+    /// resuming client nothing.
+    pub(super) fn loaded(&mut self, snapshot: RoomSnapshot) {
+        let window_ms = self.settings().history.dedup_window_secs * 1000;
+        let epoch = snapshot.epoch.unwrap_or_else(new_epoch);
+        self.log = Some(LogState::from_snapshot(snapshot, epoch, window_ms));
+    }
+}
