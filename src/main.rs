@@ -72,7 +72,16 @@ fn serve(settings: Settings) -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("roomhub: {e:#}");
-            ExitCode::FAILURE
+            // A data dir that cannot be opened is the operator's to fix, like
+            // a bad setting: exit 2, not a crash.
+            let store = e
+                .chain()
+                .any(|c| c.downcast_ref::<roomhub::storage::StoreError>().is_some());
+            if store {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -68,9 +68,23 @@ impl AppState {
         }
     }
 
-    /// Ready for new connections: not draining, and linked in cluster mode.
+    /// Ready for new connections: not draining, the store can write, and
+    /// linked in cluster mode.
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.cluster.as_ref().is_none_or(|c| c.is_linked())
+        self.not_ready_because().is_none()
+    }
+
+    /// Why the node is not ready (for `/readyz`), if it is not.
+    pub fn not_ready_because(&self) -> Option<&'static str> {
+        if self.is_draining() {
+            Some("draining")
+        } else if !self.store.writable() {
+            Some("the history store cannot write")
+        } else if !self.cluster.as_ref().is_none_or(|c| c.is_linked()) {
+            Some("cluster link down")
+        } else {
+            None
+        }
     }
 
     /// Delivers an encoded `direct` frame to every session of `user` on this

@@ -7,15 +7,12 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
 }
 
-/// 503 while draining (and, in cluster mode, while the cluster link is down).
+/// 503 while draining, while the store cannot write (a full disk), and in
+/// cluster mode while the cluster link is down.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    if state.is_draining() {
-        HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": "draining" }))
-    } else if !state.is_ready() {
-        HttpResponse::ServiceUnavailable()
-            .json(serde_json::json!({ "status": "cluster link down" }))
-    } else {
-        HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))
+    match state.not_ready_because() {
+        Some(why) => HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": why })),
+        None => HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })),
     }
 }
 

@@ -26,6 +26,7 @@ impl RoomError {
     pub fn code(&self) -> ErrorCode {
         match self {
             RoomError::NotJoined => ErrorCode::NotJoined,
+            RoomError::Store(e) if e.is_unavailable() => ErrorCode::Unavailable,
             RoomError::Store(_) | RoomError::Restarting => ErrorCode::Internal,
             RoomError::Unavailable(_) => ErrorCode::Unavailable,
         }
@@ -159,10 +160,18 @@ pub struct HistoryPage {
     pub messages: Vec<EncodedMessage>,
 }
 
-/// The store has made more of the room's offsets durable (see
-/// [`super::actor::DurableSignal`]), or failed (internal).
+/// The store has made more of the room's offsets durable (see the room's
+/// `DurableSignal`), or a write failed.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct Persisted {
-    pub result: Result<(), StoreError>,
+    pub result: Result<(), WriteFailure>,
+}
+
+/// A failed write, with the store generation it was made against: a room
+/// ignores failures of writes from before its last reload.
+#[derive(Debug)]
+pub(crate) struct WriteFailure {
+    pub generation: u64,
+    pub error: StoreError,
 }

@@ -73,6 +73,8 @@ pub(super) async fn catch_up(
             first_offset: 1,
             tail: Vec::new(),
             keys: Vec::new(),
+            damage: None,
+            stray_from: None,
         };
     }
     snapshot.keys.clear();
@@ -121,6 +123,7 @@ pub(super) async fn catch_up(
         let batch = WriteBatch {
             room: room.clone(),
             epoch: bounds.epoch,
+            generation: context.store.generation(),
             ops,
         };
         context.store.write(

@@ -1,8 +1,14 @@
-//! The key layout of store format v2: every room in one sled tree.
+//! The key layout of the store (format v2, with v3's additions): every room
+//! in one sled tree.
 //!
 //! ```text
 //! tree "meta":  "format_version" → u32 BE    "node_id" → utf-8
-//! tree "log":   'r' room            → epoch u64 BE | last offset u64 BE
+//!               "incarnation"    → u64 BE: the run that has the store open
+//!               "clean_close"    → u64 BE: the last run that closed cleanly
+//!               "acks_unflushed" → 1 byte: that run acked before flushing (batched)
+//! tree "log":   0x00 "seq"       → u64 BE: write groups ever applied
+//!               'r' room            → epoch u64 BE | last offset u64 BE
+//!                                     | incarnation u64 BE (v3; v2 headers have none)
 //!               'm' room 0x00 offset → the encoded `message` frame (JSON)
 //!               'k' room 0x00 key    → offset u64 BE | ts u64 BE
 //! ```
@@ -13,6 +19,11 @@ pub const META_TREE: &str = "meta";
 pub const LOG_TREE: &str = "log";
 pub const FORMAT_VERSION_KEY: &[u8] = b"format_version";
 pub const NODE_ID_KEY: &[u8] = b"node_id";
+pub const INCARNATION_KEY: &[u8] = b"incarnation";
+pub const CLEAN_CLOSE_KEY: &[u8] = b"clean_close";
+pub const ACKS_UNFLUSHED_KEY: &[u8] = b"acks_unflushed";
+/// In the log tree, so it is written in the same sled batches as the rooms.
+pub const SEQ_KEY: &[u8] = b"\x00seq";
 
 const ROOM: u8 = b'r';
 const MESSAGE: u8 = b'm';
@@ -27,6 +38,47 @@ fn prefixed(tag: u8, room: &[u8], extra: usize) -> Vec<u8> {
 
 pub fn room_meta_key(room: &[u8]) -> Vec<u8> {
     prefixed(ROOM, room, 0)
+}
+
+/// Every room header's key starts with this.
+pub const ROOM_HEADER_PREFIX: &[u8] = &[ROOM];
+
+/// The room name in a header key.
+pub fn room_of_header(key: &[u8]) -> Option<&[u8]> {
+    key.strip_prefix(ROOM_HEADER_PREFIX)
+}
+
+/// A room log's header: its epoch, the newest offset ever assigned, and the
+/// run (incarnation) that last wrote it, which tells after an unclean stop
+/// which rooms may have lost writes that were acked before a flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub epoch: u64,
+    pub last: u64,
+    pub incarnation: u64,
+}
+
+impl Header {
+    pub fn encode(&self) -> [u8; 24] {
+        let mut out = [0u8; 24];
+        out[..8].copy_from_slice(&self.epoch.to_be_bytes());
+        out[8..16].copy_from_slice(&self.last.to_be_bytes());
+        out[16..].copy_from_slice(&self.incarnation.to_be_bytes());
+        out
+    }
+
+    /// Reads a v3 header, or a v2 one (no incarnation: 0).
+    pub fn decode(bytes: &[u8]) -> Option<Header> {
+        let word = |i: usize| Some(u64::from_be_bytes(bytes.get(i..i + 8)?.try_into().ok()?));
+        match bytes.len() {
+            16 | 24 => Some(Header {
+                epoch: word(0)?,
+                last: word(8)?,
+                incarnation: if bytes.len() == 24 { word(16)? } else { 0 },
+            }),
+            _ => None,
+        }
+    }
 }
 
 pub fn message_prefix(room: &[u8]) -> Vec<u8> {
@@ -93,5 +145,22 @@ mod tests {
         assert!(!message_key(b"room2", 1).starts_with(&message_prefix(b"room")));
         assert_eq!(offset_of(&b), Some(256));
         assert_eq!(unpair(&pair(7, 9)), Some((7, 9)));
+    }
+
+    #[test]
+    fn headers_round_trip_and_v2_headers_read_as_incarnation_zero() {
+        let h = Header {
+            epoch: 5,
+            last: 9,
+            incarnation: 3,
+        };
+        assert_eq!(Header::decode(&h.encode()), Some(h));
+        let v2 = Header::decode(&pair(5, 9)).unwrap();
+        assert_eq!((v2.epoch, v2.last, v2.incarnation), (5, 9, 0));
+        assert_eq!(Header::decode(b"short"), None);
+        assert_eq!(
+            room_of_header(&room_meta_key(b"lobby")),
+            Some(&b"lobby"[..])
+        );
     }
 }

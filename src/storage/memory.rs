@@ -39,6 +39,8 @@ impl HistoryStore for MemoryStore {
                 first_offset: 1,
                 tail: Vec::new(),
                 keys: Vec::new(),
+                damage: None,
+                stray_from: None,
             });
         };
         let mut newest: Vec<EncodedMessage> =
@@ -58,6 +60,8 @@ impl HistoryStore for MemoryStore {
                     ts,
                 })
                 .collect(),
+            damage: None,
+            stray_from: None,
         })
     }
 
@@ -126,6 +130,12 @@ impl HistoryStore for MemoryStore {
                             log.keys.remove(&key);
                         }
                     }
+                    WriteOp::Truncate { after } => {
+                        log.messages.retain(|&offset, _| offset <= after);
+                        log.keys.retain(|_, &mut (offset, _)| offset <= after);
+                        log.last = after;
+                    }
+                    WriteOp::SetHeader { last } => log.last = last,
                 }
             }
         }

@@ -12,14 +12,19 @@ use super::StoreError;
 
 #[path = "../../migrations/v2_single_keyspace.rs"]
 pub mod v2_single_keyspace;
+#[path = "../../migrations/v3_run_markers.rs"]
+pub mod v3_run_markers;
 
 /// The format this binary reads and writes.
-pub const CURRENT_VERSION: u32 = 2;
+pub const CURRENT_VERSION: u32 = 3;
 
 type Step = fn(&sled::Db) -> sled::Result<()>;
 
 /// Upgrade steps: `(version it produces, step)`, in order.
-const STEPS: &[(u32, Step)] = &[(2, v2_single_keyspace::upgrade)];
+const STEPS: &[(u32, Step)] = &[
+    (2, v2_single_keyspace::upgrade),
+    (3, v3_run_markers::upgrade),
+];
 
 /// Reads the stored version (None for a database never stamped).
 pub fn stored_version(db: &sled::Db) -> Result<Option<u32>, StoreError> {

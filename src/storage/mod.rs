@@ -2,7 +2,10 @@
 //!
 //! - [`sled_store::SledStore`] (the default): one sled database, written by a
 //!   single writer thread that group-commits (many rooms' appends share one
-//!   flush), so no actor ever waits on disk to write.
+//!   flush), so no actor ever waits on disk to write; it checks room logs as
+//!   they load, and recovers by itself from write failures (a full disk).
+//! - [`lifecycle`]: the store's runs (incarnations), clean closes and the seal,
+//!   which tell after a crash or damage which rooms must move to a new epoch.
 //! - [`memory::MemoryStore`]: the same contract in memory, for benches and tests.
 //! - [`migrate`]: the store-format version and its upgrade steps (`migrations/`).
 //!
@@ -12,9 +15,11 @@
 //! batch is as durable as the configured [`Durability`] demands.
 
 pub mod keys;
+pub mod lifecycle;
 pub mod memory;
 pub mod migrate;
 pub mod sled_store;
+mod writer;
 
 use crate::config::Durability;
 use crate::protocol::{EncodedMessage, RoomName};
@@ -27,12 +32,34 @@ pub use sled_store::SledStore;
 pub enum StoreError {
     #[error("storage I/O failed: {0}")]
     Io(Arc<sled::Error>),
+    /// The store cannot write now (a full disk, an I/O error): nothing of the
+    /// failed writes is acked or shown; it recovers by itself.
+    #[error("the history store cannot write: {0}")]
+    Unavailable(String),
+    /// A write made before the store recovered from a failure: refused, so
+    /// nothing queued against the failed state can land after the recovery.
+    #[error("a write from before the store recovered")]
+    Stale,
     #[error("the store holds data it cannot read: {0}")]
     Corrupt(String),
+    /// The data dir cannot be opened as a roomhub store.
+    #[error("the data dir cannot be opened: {0}")]
+    Damaged(String),
     #[error("the store's format version {found} is newer than this binary supports ({supported}); run a newer roomhub")]
     FormatTooNew { found: u32, supported: u32 },
     #[error("the store is closed")]
     Closed,
+}
+
+impl StoreError {
+    /// Whether the failure is the store's state (disk full, I/O, recovering)
+    /// rather than bad data: clients are told `unavailable`, not `internal`.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Io(_) | StoreError::Unavailable(_) | StoreError::Stale | StoreError::Closed
+        )
+    }
 }
 
 impl From<sled::Error> for StoreError {
@@ -62,6 +89,13 @@ pub struct RoomSnapshot {
     /// Up to the requested number of newest messages, oldest first.
     pub tail: Vec<EncodedMessage>,
     pub keys: Vec<DedupEntry>,
+    /// The log was found inconsistent (why): the room must move to a new
+    /// epoch. `tail`, `first_offset` and `last_offset` are then what can be
+    /// trusted, and `last_offset` is at least every offset ever found.
+    pub damage: Option<String>,
+    /// The oldest message key found, when it lies before `first_offset`
+    /// (damaged or unreachable entries the room prunes).
+    pub stray_from: Option<u64>,
 }
 
 /// One change to a room's log.
@@ -76,6 +110,12 @@ pub enum WriteOp {
     Prune { from: u64, to: u64 },
     /// Forgets idempotency keys whose window has passed.
     ForgetKeys(Vec<String>),
+    /// Deletes every message (and idempotency key) after `after` and makes
+    /// `after` the log's newest offset: what a failed write may have left.
+    Truncate { after: u64 },
+    /// Writes the log's header now (epoch of the batch, newest offset `last`),
+    /// e.g. when a damaged log moves to a new epoch.
+    SetHeader { last: u64 },
 }
 
 /// Changes to one room, applied atomically and in submission order.
@@ -83,6 +123,10 @@ pub enum WriteOp {
 pub struct WriteBatch {
     pub room: RoomName,
     pub epoch: u64,
+    /// The store generation the room's view of its log comes from
+    /// ([`HistoryStore::generation`]); a batch from an older one is refused
+    /// with [`StoreError::Stale`].
+    pub generation: u64,
     pub ops: Vec<WriteOp>,
 }
 
@@ -132,6 +176,18 @@ pub trait HistoryStore: Send + Sync + 'static {
     fn node_id(&self, wanted: Option<&str>) -> Result<String, StoreError>;
 
     fn durability(&self) -> Durability;
+
+    /// False while writes fail (disk full, I/O errors) until the store has
+    /// recovered by itself; `/readyz` answers 503 meanwhile.
+    fn writable(&self) -> bool {
+        true
+    }
+
+    /// Raised each time the store recovers from a write failure: rooms whose
+    /// view is older reload it before they write again.
+    fn generation(&self) -> u64 {
+        0
+    }
 }
 
 /// A new epoch: random, nonzero and below 2^53 so JavaScript clients keep it exact.

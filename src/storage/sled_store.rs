@@ -1,45 +1,170 @@
-//! The sled implementation of [`HistoryStore`], with group commit.
+//! The sled implementation of [`HistoryStore`].
 //!
-//! All writes go through one writer thread. It takes every batch that is
-//! waiting, applies them as one sled batch and, with `durability = sync`,
-//! flushes once for all of them before calling their `done`: under load many
-//! publishes share one fsync. With `batched` it calls `done` right after the
-//! apply, and sled's own flusher thread flushes every [`BATCHED_FLUSH_EVERY`]
-//! alongside (the writer never stops to flush, and a steady stream of
-//! writes cannot postpone the flush).
+//! Writes go through one writer thread ([`super::writer`]: group commit,
+//! bounded sled batches, recovery from write failures). With `durability =
+//! sync` it flushes each group before calling their `done`; with `batched`
+//! it calls `done` right after the apply and sled's own flusher thread
+//! flushes every [`BATCHED_FLUSH_EVERY`] alongside.
+//!
+//! Reads check what they serve: a room's log whose header, offsets or
+//! messages do not agree is reported (with the room's name) and handed to the
+//! room as damaged, and the room moves to a new epoch ([`RoomSnapshot::damage`]).
 
-use super::keys::{self, LOG_TREE, META_TREE, NODE_ID_KEY};
+use super::keys::{self, Header, LOG_TREE, META_TREE, NODE_ID_KEY};
+use super::lifecycle::{self, Begun};
+use super::writer::{Job, Writer};
 use super::{
     migrate, DedupEntry, HistoryStore, RoomSnapshot, StoreError, Take, WriteBatch, WriteDone,
-    WriteOp,
 };
 use crate::config::Durability;
 use crate::protocol::{EncodedMessage, RoomName};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde_json::value::RawValue;
-use std::path::Path;
-use std::sync::mpsc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How stale the disk may get with `durability = batched`.
 pub const BATCHED_FLUSH_EVERY: Duration = Duration::from_millis(10);
 
-/// The most batches one group commit takes, so `done` callbacks keep flowing
-/// under a flood.
-const MAX_GROUP: usize = 4096;
+/// sled's page cache. Its own accounting undercounts what it holds, so this
+/// is kept well below what the hub may use.
+const CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
 
-enum Job {
-    Write(WriteBatch, WriteDone),
-    Flush(mpsc::SyncSender<Result<(), StoreError>>),
+/// A room log longer than this is not counted entry by entry when it loads
+/// (only its ends and newest messages are checked).
+const FULL_CHECK_UP_TO: u64 = 10_000;
+
+/// An open database.
+#[derive(Clone)]
+pub(super) struct Handles {
+    pub db: sled::Db,
+    pub log: sled::Tree,
+    /// This open's incarnation ([`lifecycle`]).
+    pub incarnation: u64,
+}
+
+/// Whether the store can write, and how many times it has recovered.
+#[derive(Default)]
+pub(super) struct Health {
+    failed: AtomicBool,
+    generation: AtomicU64,
+    reason: Mutex<String>,
+}
+
+impl Health {
+    pub fn is_writable(&self) -> bool {
+        !self.failed.load(Ordering::SeqCst)
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// What a write gets while the store is unwritable (no OS text: that
+    /// went to the log).
+    pub fn error(&self) -> StoreError {
+        StoreError::Unavailable(super::writer::WRITE_FAILED.into())
+    }
+
+    /// The failure as the log told it.
+    pub fn reason(&self) -> String {
+        self.reason.lock().clone()
+    }
+
+    pub fn fail(&self, reason: String) {
+        *self.reason.lock() = reason;
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn recover(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.failed.store(false, Ordering::SeqCst);
+    }
+}
+
+/// What readers and the writer share.
+pub(super) struct Shared {
+    pub dir: PathBuf,
+    pub durability: Durability,
+    /// `None` only while the writer reopens the database.
+    pub handles: RwLock<Option<Handles>>,
+    pub health: Health,
 }
 
 pub struct SledStore {
-    db: sled::Db,
-    log: sled::Tree,
-    durability: Durability,
+    shared: Arc<Shared>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Opens the database in `dir`, upgrades its format and starts a new
+/// incarnation (moving rooms whose acked writes may be lost to new epochs).
+pub(super) fn open_handles(
+    dir: &Path,
+    durability: Durability,
+) -> Result<(Handles, Begun), StoreError> {
+    let flush_every = match durability {
+        // The writer flushes every group (see the module docs).
+        Durability::Sync => None,
+        Durability::Batched => Some(BATCHED_FLUSH_EVERY.as_millis() as u64),
+    };
+    let config = sled::Config::new()
+        .path(dir)
+        .cache_capacity(CACHE_CAPACITY)
+        .flush_every_ms(flush_every);
+    // sled panics on some damaged files instead of returning an error.
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))
+        .map_err(|_| damaged(dir, "sled could not read its files"))?;
+    let db = opened.map_err(|e| match e {
+        sled::Error::Io(io) => StoreError::Io(Arc::new(sled::Error::Io(io))),
+        other => damaged(dir, &other.to_string()),
+    })?;
+    let from = migrate::migrate(&db)?;
+    if from != migrate::CURRENT_VERSION {
+        tracing::info!(
+            from,
+            to = migrate::CURRENT_VERSION,
+            "upgraded the store format"
+        );
+    }
+    let log = db.open_tree(LOG_TREE)?;
+    let begun = lifecycle::begin(&db, &log, dir, durability)?;
+    let handles = Handles {
+        db,
+        log,
+        incarnation: begun.incarnation,
+    };
+    Ok((handles, begun))
+}
+
+fn damaged(dir: &Path, detail: &str) -> StoreError {
+    // sled's own wording for foreign or damaged files guesses at versions.
+    let detail = if detail.contains("earlier than 0.29") {
+        "its files are not a sled database this version can read"
+    } else {
+        detail
+    };
+    StoreError::Damaged(format!(
+        "{} does not hold a readable roomhub store ({detail}). If its files were damaged, restore them from a backup, or move the directory away to start with an empty store",
+        dir.display()
+    ))
+}
+
+/// Logs the rooms an open moved to a new epoch (a few by name, then a count).
+pub(super) fn report_new_epochs(begun: &Begun) {
+    const NAMED: usize = 20;
+    for (room, why) in begun.new_epochs.iter().take(NAMED) {
+        tracing::warn!(%room, reason = why, "room moved to a new epoch");
+    }
+    if begun.new_epochs.len() > NAMED {
+        tracing::warn!(
+            rooms = begun.new_epochs.len(),
+            "rooms moved to a new epoch in all"
+        );
+    }
 }
 
 impl SledStore {
@@ -51,47 +176,35 @@ impl SledStore {
         durability: Durability,
         commit_delay: Duration,
     ) -> Result<SledStore, StoreError> {
-        let flush_every = match durability {
-            // The writer flushes every group (see the module docs).
-            Durability::Sync => None,
-            Durability::Batched => Some(BATCHED_FLUSH_EVERY.as_millis() as u64),
-        };
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(256 * 1024 * 1024)
-            .flush_every_ms(flush_every)
-            .open()?;
-        let from = migrate::migrate(&db)?;
-        if from != migrate::CURRENT_VERSION {
-            tracing::info!(
-                from,
-                to = migrate::CURRENT_VERSION,
-                "upgraded the store format"
-            );
-        }
-        let log = db.open_tree(LOG_TREE)?;
+        let (handles, begun) = open_handles(dir, durability)?;
+        report_new_epochs(&begun);
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            durability,
+            handles: RwLock::new(Some(handles.clone())),
+            health: Health::default(),
+        });
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
-            db: db.clone(),
-            log: log.clone(),
-            durability,
+            shared: shared.clone(),
+            handles: Some(handles),
             commit_delay,
+            seq: begun.seq,
+            sealed_at: Instant::now(),
         };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Corrupt(format!("cannot start the writer thread: {e}")))?;
         Ok(SledStore {
-            db,
-            log,
-            durability,
+            shared,
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
         })
     }
 
     /// Flushes, stops the writer thread and waits for it. Writes after this fail
-    /// with [`StoreError::Closed`].
+    /// with [`StoreError::Closed`]. An error says what could not be flushed.
     pub fn close(&self) -> Result<(), StoreError> {
         let result = self.flush();
         self.jobs.lock().take();
@@ -99,6 +212,15 @@ impl SledStore {
             let _ = handle.join();
         }
         result
+    }
+
+    /// The open database, or `unavailable` while it is being reopened.
+    fn handles(&self) -> Result<Handles, StoreError> {
+        self.shared
+            .handles
+            .read()
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable("the store is reopening".into()))
     }
 
     fn decode(&self, json: sled::IVec) -> Result<EncodedMessage, StoreError> {
@@ -115,31 +237,109 @@ impl Drop for SledStore {
     }
 }
 
-impl HistoryStore for SledStore {
-    fn load_room(&self, room: &RoomName, tail: usize) -> Result<RoomSnapshot, StoreError> {
+impl SledStore {
+    /// Reads a room's log and checks that its header, offsets and newest
+    /// messages agree; what does not is reported as [`RoomSnapshot::damage`].
+    fn read_room(&self, room: &RoomName, tail: usize) -> Result<RoomSnapshot, StoreError> {
+        let handles = self.handles()?;
+        let log = &handles.log;
         let name = room.as_str().as_bytes();
-        let meta = self.log.get(keys::room_meta_key(name))?;
-        let (epoch, last_offset) = match meta {
+        let mut damage = None;
+        let header = match log.get(keys::room_meta_key(name))? {
             Some(bytes) => {
-                let (epoch, last) = keys::unpair(&bytes)
-                    .ok_or_else(|| StoreError::Corrupt(format!("room {room}: bad log header")))?;
-                (Some(epoch), last)
+                let header = Header::decode(&bytes);
+                if header.is_none() {
+                    damage = Some("its header cannot be read".to_owned());
+                }
+                header
             }
-            None => (None, 0),
+            None => None,
         };
+        if !self.shared.health.is_writable()
+            && header.is_some_and(|h| h.incarnation == handles.incarnation)
+        {
+            // Its last writes may have failed after sled applied them in
+            // memory: nothing of it is served until the store has recovered.
+            return Err(self.shared.health.error());
+        }
         let prefix = keys::message_prefix(name);
-        let first_offset = match self.log.scan_prefix(&prefix).next() {
-            Some(entry) => keys::offset_of(&entry?.0).unwrap_or(last_offset + 1),
-            None => last_offset + 1,
-        };
+        let key_offset = |key: &[u8]| keys::offset_of(key).unwrap_or(0);
+        let oldest_key = log.scan_prefix(&prefix).keys().next().transpose()?;
+        let newest_key = log.scan_prefix(&prefix).keys().next_back().transpose()?;
+        let header_last = header.map_or(0, |h| h.last);
+        let newest_found = newest_key.as_deref().map_or(0, key_offset);
+        if header.is_none() && newest_key.is_some() && damage.is_none() {
+            damage = Some("it holds messages but no header".to_owned());
+        }
+        if newest_found > header_last && damage.is_none() {
+            damage = Some(format!(
+                "it holds offset {newest_found} beyond its newest offset {header_last}"
+            ));
+        }
+        // Never hand out an offset that was ever found.
+        let last_offset = header_last.max(newest_found);
+
+        // The newest messages, checked to be readable and contiguous up to
+        // `last_offset`; a gap or an unreadable one ends what is trusted.
         let mut messages = Vec::with_capacity(tail.min(1024));
-        for entry in self.log.scan_prefix(&prefix).rev().take(tail) {
-            messages.push(self.decode(entry?.1)?);
+        let mut expected = last_offset;
+        let newest = log.range(..=keys::message_key(name, last_offset));
+        for entry in newest.rev().take(tail) {
+            let (key, value) = entry?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let offset = key_offset(&key);
+            let problem = if offset != expected {
+                Some(format!("offsets {} to {expected} are missing", offset + 1))
+            } else {
+                match self.decode(value) {
+                    Ok(message) if message.offset == offset => {
+                        messages.push(message);
+                        None
+                    }
+                    Ok(message) => Some(format!(
+                        "the message at offset {offset} says offset {}",
+                        message.offset
+                    )),
+                    Err(e) => Some(format!(
+                        "the message at offset {offset} is unreadable ({e})"
+                    )),
+                }
+            };
+            if let Some(problem) = problem {
+                damage.get_or_insert(problem);
+                break;
+            }
+            expected = offset.saturating_sub(1);
         }
         messages.reverse();
+        let oldest_found = oldest_key.as_deref().map(key_offset);
+        let mut first_offset = match (&damage, messages.first()) {
+            (Some(_), Some(first)) => first.offset,
+            (Some(_), None) => last_offset + 1,
+            (None, _) => oldest_found.unwrap_or(last_offset + 1),
+        };
+        // Older history: as many entries as the offsets say (when short
+        // enough to count).
+        if damage.is_none() && messages.len() == tail {
+            let expected_count = last_offset + 1 - first_offset;
+            if expected_count <= FULL_CHECK_UP_TO {
+                let count = log.scan_prefix(&prefix).keys().count() as u64;
+                if count != expected_count {
+                    damage = Some(format!(
+                        "it holds {count} messages where offsets {first_offset} to {last_offset} need {expected_count}"
+                    ));
+                    first_offset = messages.first().map_or(last_offset + 1, |m| m.offset);
+                }
+            }
+        }
+        if let Some(reason) = &damage {
+            tracing::error!(room = %room, %reason, "room log is inconsistent; the room moves to a new epoch");
+        }
         let mut dedup = Vec::new();
         let dedup_prefix = keys::dedup_prefix(name);
-        for entry in self.log.scan_prefix(&dedup_prefix) {
+        for entry in log.scan_prefix(&dedup_prefix) {
             let (k, v) = entry?;
             let key = String::from_utf8_lossy(&k[dedup_prefix.len()..]).into_owned();
             if let Some((offset, ts)) = keys::unpair(&v) {
@@ -147,12 +347,20 @@ impl HistoryStore for SledStore {
             }
         }
         Ok(RoomSnapshot {
-            epoch,
+            epoch: header.map(|h| h.epoch),
             last_offset,
             first_offset,
             tail: messages,
             keys: dedup,
+            stray_from: oldest_found.filter(|&o| o < first_offset),
+            damage,
         })
+    }
+}
+
+impl HistoryStore for SledStore {
+    fn load_room(&self, room: &RoomName, tail: usize) -> Result<RoomSnapshot, StoreError> {
+        self.read_room(room, tail)
     }
 
     fn read_range(
@@ -166,8 +374,9 @@ impl HistoryStore for SledStore {
         if from > to || limit == 0 {
             return Ok(Vec::new());
         }
+        let handles = self.handles()?;
         let name = room.as_str().as_bytes();
-        let range = self
+        let range = handles
             .log
             .range(keys::message_key(name, from)..=keys::message_key(name, to));
         let mut out = Vec::new();
@@ -193,9 +402,10 @@ impl HistoryStore for SledStore {
         from: u64,
         cutoff_ts: u64,
     ) -> Result<u64, StoreError> {
+        let handles = self.handles()?;
         let name = room.as_str().as_bytes();
         let mut next = from;
-        for entry in self
+        for entry in handles
             .log
             .range(keys::message_key(name, from)..=keys::message_key(name, u64::MAX))
         {
@@ -226,14 +436,15 @@ impl HistoryStore for SledStore {
         };
         if !sent {
             // The writer is gone: flush what sled holds ourselves.
-            self.db.flush()?;
+            self.handles()?.db.flush()?;
             return Ok(());
         }
         rx.recv().unwrap_or(Err(StoreError::Closed))
     }
 
     fn node_id(&self, wanted: Option<&str>) -> Result<String, StoreError> {
-        let meta = self.db.open_tree(META_TREE)?;
+        let handles = self.handles()?;
+        let meta = handles.db.open_tree(META_TREE)?;
         if let Some(id) = wanted {
             meta.insert(NODE_ID_KEY, id.as_bytes())?;
             return Ok(id.to_owned());
@@ -243,147 +454,19 @@ impl HistoryStore for SledStore {
         }
         let id = format!("node-{:08x}", rand::random::<u32>());
         meta.insert(NODE_ID_KEY, id.as_bytes())?;
-        self.db.flush()?;
+        handles.db.flush()?;
         Ok(id)
     }
 
     fn durability(&self) -> Durability {
-        self.durability
-    }
-}
-
-/// Takes `first` and every job waiting. When busy (the last group had
-/// company) it first waits `delay` (like PostgreSQL's `commit_delay`), so the
-/// group takes in the writes about to arrive: fewer, larger groups mean fewer
-/// fsyncs, one wake-up of each room per group instead of per write, and
-/// larger fan-outs (one socket write per member per group). One sleep, not a
-/// wait on the channel: a blocked receiver is woken by every single write,
-/// which is the cost this avoids. A lone writer (one publish at a time)
-/// never waits.
-fn gather(jobs: &mpsc::Receiver<Job>, first: Job, busy: bool, delay: Duration) -> Vec<Job> {
-    if busy && !delay.is_zero() {
-        std::thread::sleep(delay);
-    }
-    let mut group = vec![first];
-    while group.len() < MAX_GROUP {
-        match jobs.try_recv() {
-            Ok(job) => group.push(job),
-            Err(_) => break,
-        }
-    }
-    group
-}
-
-/// The writer thread's state.
-struct Writer {
-    db: sled::Db,
-    log: sled::Tree,
-    durability: Durability,
-    commit_delay: Duration,
-}
-
-impl Writer {
-    fn run(self, jobs: mpsc::Receiver<Job>) {
-        let mut last_group = 0;
-        while let Ok(first) = jobs.recv() {
-            let group = gather(&jobs, first, last_group > 1, self.commit_delay);
-            last_group = group.len();
-            let mut batch = sled::Batch::default();
-            let mut done = Vec::with_capacity(group.len());
-            let mut flush_waiters = Vec::new();
-            for job in group {
-                match job {
-                    Job::Write(write, callback) => {
-                        add_to_batch(&mut batch, write);
-                        done.push(callback);
-                    }
-                    Job::Flush(waiter) => flush_waiters.push(waiter),
-                }
-            }
-            let mut result = self.log.apply_batch(batch).map_err(StoreError::from);
-            let must_flush = self.durability == Durability::Sync || !flush_waiters.is_empty();
-            if result.is_ok() && must_flush {
-                result = self.db.flush().map(|_| ()).map_err(StoreError::from);
-            }
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "store write failed");
-            }
-            for callback in done {
-                callback(result.clone());
-            }
-            for waiter in flush_waiters {
-                let _ = waiter.send(result.clone());
-            }
-        }
-        self.flush_logged();
+        self.shared.durability
     }
 
-    fn flush_logged(&self) {
-        if let Err(e) = self.db.flush() {
-            tracing::error!(error = %e, "store flush failed");
-        }
-    }
-}
-
-fn add_to_batch(batch: &mut sled::Batch, write: WriteBatch) {
-    let room = write.room.as_str().as_bytes();
-    let mut last_appended = None;
-    for op in write.ops {
-        match op {
-            WriteOp::Append { message, key } => {
-                if let Some(key) = key {
-                    batch.insert(
-                        keys::dedup_key(room, &key),
-                        &keys::pair(message.offset, message.ts),
-                    );
-                }
-                batch.insert(
-                    keys::message_key(room, message.offset),
-                    message.as_str().as_bytes(),
-                );
-                last_appended = Some(message.offset);
-            }
-            WriteOp::Prune { from, to } => {
-                for offset in from..to {
-                    batch.remove(keys::message_key(room, offset));
-                }
-            }
-            WriteOp::ForgetKeys(keys_to_forget) => {
-                for key in keys_to_forget {
-                    batch.remove(keys::dedup_key(room, &key));
-                }
-            }
-        }
-    }
-    if let Some(last) = last_appended {
-        batch.insert(keys::room_meta_key(room), &keys::pair(write.epoch, last));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn flush_job() -> Job {
-        Job::Flush(mpsc::sync_channel(1).0)
+    fn writable(&self) -> bool {
+        self.shared.health.is_writable()
     }
 
-    #[test]
-    fn a_lone_writer_does_not_wait_and_a_busy_one_gathers() {
-        let (tx, rx) = mpsc::channel();
-        // Not busy: only what is already queued, however long the delay.
-        tx.send(flush_job()).unwrap();
-        let group = gather(&rx, flush_job(), false, Duration::from_secs(3600));
-        assert_eq!(group.len(), 2);
-        // Busy: a write sent during the delay joins the group (50 ms into a
-        // 1 s delay: wide margins on a noisy machine).
-        let late = tx.clone();
-        let sender = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            late.send(flush_job()).unwrap();
-        });
-        let group = gather(&rx, flush_job(), true, Duration::from_secs(1));
-        sender.join().unwrap();
-        assert_eq!(group.len(), 2);
+    fn generation(&self) -> u64 {
+        self.shared.health.generation()
     }
 }

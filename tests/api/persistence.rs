@@ -141,7 +141,10 @@ async fn a_version_1_store_is_upgraded_at_start_up() {
         .get("format_version")
         .unwrap()
         .unwrap();
-    assert_eq!(version.as_ref(), &2u32.to_be_bytes());
+    assert_eq!(
+        version.as_ref(),
+        &roomhub::storage::migrate::CURRENT_VERSION.to_be_bytes()
+    );
     assert!(
         !db.tree_names()
             .iter()

@@ -29,6 +29,7 @@ fn write(store: &dyn HistoryStore, room: &RoomName, epoch: u64, ops: Vec<WriteOp
         WriteBatch {
             room: room.clone(),
             epoch,
+            generation: store.generation(),
             ops,
         },
         Box::new(move |r| tx.send(r).unwrap()),
@@ -100,6 +101,24 @@ fn conformance(store: &dyn HistoryStore) {
     assert_eq!((snap.first_offset, snap.last_offset), (10, 20));
     assert_eq!(snap.tail.len(), 11);
     assert!(snap.keys.is_empty());
+    // What a failed write may have left is cut off; the header follows.
+    let truncated = RoomName::parse("conf-truncated").unwrap();
+    let ops = (1..=5)
+        .map(|o| WriteOp::Append {
+            message: message(&truncated, o, 1000 + o),
+            key: Some(format!("key{o}")),
+        })
+        .collect();
+    write(store, &truncated, 9, ops);
+    write(store, &truncated, 9, vec![WriteOp::Truncate { after: 3 }]);
+    let snap = store.load_room(&truncated, 100).unwrap();
+    assert_eq!((snap.last_offset, offsets(&snap.tail)), (3, vec![1, 2, 3]));
+    assert_eq!(snap.keys.len(), 3, "keys of the cut offsets are gone");
+    assert!(snap.damage.is_none());
+    // A header written on its own (a damaged log moving to a new epoch).
+    write(store, &truncated, 10, vec![WriteOp::SetHeader { last: 3 }]);
+    let snap = store.load_room(&truncated, 100).unwrap();
+    assert_eq!((snap.epoch, snap.last_offset), (Some(10), 3));
     // Rooms do not see each other, even when one name extends the other.
     let other = RoomName::parse("conf2").unwrap();
     assert_eq!(store.load_room(&other, 10).unwrap().epoch, None);

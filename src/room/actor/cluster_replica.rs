@@ -99,7 +99,7 @@ impl RoomActor {
             follow,
             events,
         } = synced;
-        self.loaded(snapshot);
+        self.loaded(ctx, self.context.store.generation(), snapshot);
         if let Some(log) = self.log.as_mut() {
             for message in caught_up {
                 log.durable = message.offset;

@@ -34,8 +34,8 @@ impl Handler<Persisted> for RoomActor {
     type Result = ();
 
     fn handle(&mut self, msg: Persisted, ctx: &mut Context<Self>) {
-        if let Err(error) = msg.result {
-            return self.fail(ctx, error);
+        if let Err(failure) = msg.result {
+            return self.write_failed(ctx, failure);
         }
         // Clear `pending` before reading `upto`: a batch that lands after
         // this read sends a new `Persisted` (see `DurableSignal`).

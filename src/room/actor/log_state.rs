@@ -27,10 +27,20 @@ pub(super) struct LogState {
     pub(super) unpersisted: VecDeque<Pending>,
     /// Acks for repeated keys whose first publish is not durable yet.
     pub(super) waiting_acks: Vec<(u64, PublishReply)>,
+    /// The store generation this view was loaded from; writes carry it.
+    pub(super) generation: u64,
+    /// A write failed: publishes are refused until the room has reloaded
+    /// its view from the recovered store.
+    pub(super) degraded: bool,
 }
 
 impl LogState {
-    pub(super) fn from_snapshot(snapshot: RoomSnapshot, epoch: u64, dedup_window_ms: u64) -> Self {
+    pub(super) fn from_snapshot(
+        snapshot: RoomSnapshot,
+        epoch: u64,
+        dedup_window_ms: u64,
+        generation: u64,
+    ) -> Self {
         let cutoff = now_ms().saturating_sub(dedup_window_ms);
         let tail_bytes = snapshot.tail.iter().map(|m| m.as_str().len()).sum();
         LogState {
@@ -48,7 +58,28 @@ impl LogState {
                 .collect(),
             unpersisted: VecDeque::new(),
             waiting_acks: Vec::new(),
+            generation,
+            degraded: false,
         }
+    }
+
+    /// Forgets every publish that was not made durable (its write failed):
+    /// the offsets go back to `durable`, never shown to anyone, and their
+    /// idempotency keys are forgotten so a retry is stored.
+    pub(super) fn roll_back(&mut self) -> Vec<PublishReply> {
+        let durable = self.durable;
+        self.last_assigned = durable;
+        self.keys.retain(|_, &mut (offset, _)| offset <= durable);
+        let mut replies: Vec<PublishReply> = std::mem::take(&mut self.unpersisted)
+            .into_iter()
+            .filter_map(|p| p.reply)
+            .collect();
+        replies.extend(
+            std::mem::take(&mut self.waiting_acks)
+                .into_iter()
+                .map(|(_, reply)| reply),
+        );
+        replies
     }
 
     pub(super) fn push_tail(&mut self, message: EncodedMessage) {

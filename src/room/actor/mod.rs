@@ -251,6 +251,16 @@ impl RoomActor {
             self.maintain_cluster(ctx);
         }
         let Some(log) = self.log.as_mut() else { return };
+        let store = &self.context.store;
+        if self.context.cluster.is_none() && store.writable() && store.generation() > log.generation
+        {
+            // The store recovered from a write failure since this view was
+            // loaded (see `resync`).
+            return self.resync(ctx);
+        }
+        if log.degraded {
+            return;
+        }
         let now = now_ms();
         // Forget idempotency keys whose window has passed.
         let key_cutoff = now.saturating_sub(settings.history.dedup_window_secs * 1000);
@@ -284,11 +294,18 @@ impl Actor for RoomActor {
             return self.start_sync(ctx);
         }
         let (store, room) = (self.context.store.clone(), self.name.clone());
-        let load = tokio::task::spawn_blocking(move || store.load_room(&room, TAIL_MAX_MESSAGES));
+        let load = tokio::task::spawn_blocking(move || {
+            // Read before the load: a recovery in between makes the first
+            // write stale (refused, then reloaded), never wrongly accepted.
+            let generation = store.generation();
+            store
+                .load_room(&room, TAIL_MAX_MESSAGES)
+                .map(|snapshot| (generation, snapshot))
+        });
         // `wait`: no message is handled before the log is loaded.
         ctx.wait(load.into_actor(self).map(|result, act, ctx| {
             match result.unwrap_or(Err(StoreError::Closed)) {
-                Ok(snapshot) => act.loaded(snapshot),
+                Ok((generation, snapshot)) => act.loaded(ctx, generation, snapshot),
                 Err(error) => act.fail(ctx, error),
             }
         }));

@@ -19,6 +19,12 @@ impl Handler<Publish> for RoomActor {
         let Some(log) = self.log.as_mut() else {
             return self.reply_error(msg.reply, RoomError::Restarting);
         };
+        if log.degraded {
+            let error = StoreError::Unavailable(
+                "the room's store cannot write right now; nothing was stored".into(),
+            );
+            return self.reply_error(msg.reply, RoomError::Store(error));
+        }
         let now = now_ms();
         if let Some(&(offset, seen)) = msg.key.as_ref().and_then(|k| log.keys.get(k)) {
             if now.saturating_sub(seen) < window_ms {
@@ -86,9 +92,11 @@ impl RoomActor {
         let addr = ctx.address();
         let room = self.name.clone();
         let signal = self.durable_signal.clone();
+        let generation = log.generation;
         let batch = WriteBatch {
             room: self.name.clone(),
             epoch: log.epoch,
+            generation,
             ops,
         };
         self.context.store.write(
@@ -100,7 +108,9 @@ impl RoomActor {
                         addr.do_send(Persisted { result: Ok(()) });
                     }
                 }
-                (Some(_), Err(error)) => addr.do_send(Persisted { result: Err(error) }),
+                (Some(_), Err(error)) => addr.do_send(Persisted {
+                    result: Err(WriteFailure { generation, error }),
+                }),
                 (None, result) => {
                     if let Err(error) = result {
                         tracing::warn!(%room, %error, "room housekeeping write failed");
@@ -157,27 +167,122 @@ impl RoomActor {
     /// so the next use reloads the room from the store.
     pub(super) fn fail(&mut self, ctx: &mut Context<Self>, error: StoreError) {
         tracing::error!(room = %self.name, %error, "room stopped after a store failure");
-        if let Some(log) = self.log.take() {
-            for pending in log.unpersisted {
-                if let Some(reply) = pending.reply {
-                    self.reply_error(reply, RoomError::Store(error.clone()));
-                }
-            }
-            for (_, reply) in log.waiting_acks {
+        if let Some(mut log) = self.log.take() {
+            for reply in log.roll_back() {
                 self.reply_error(reply, RoomError::Store(error.clone()));
             }
         }
         self.close(ctx);
     }
 
+    /// A write of this room failed (standalone). The room stays up and keeps
+    /// serving what is durable; what was pending is refused (`unavailable`,
+    /// never acked or shown) and publishes wait until the store recovers and
+    /// the room has reloaded its view ([`Self::resync`]). Failures of writes
+    /// made before the last reload are old news.
+    pub(super) fn write_failed(&mut self, ctx: &mut Context<Self>, failure: WriteFailure) {
+        if self.context.cluster.is_some() {
+            return self.fail(ctx, failure.error);
+        }
+        let Some(log) = self.log.as_mut() else { return };
+        if failure.generation < log.generation {
+            return;
+        }
+        if !log.degraded {
+            tracing::warn!(room = %self.name, error = %failure.error, "room refuses publishes until the store can write again");
+        }
+        log.degraded = true;
+        let replies = log.roll_back();
+        for reply in replies {
+            self.reply_error(reply, RoomError::Store(failure.error.clone()));
+        }
+    }
+
+    /// A degraded room whose store writes again reloads its view from it.
+    /// Same epoch and nothing served lost (`sync`): it carries on, after
+    /// deleting what the failed writes may have left. Otherwise (the store
+    /// moved the room to a new epoch, as after a failure with `batched`
+    /// durability): members are told to join again and the room starts
+    /// over from the store.
+    pub(super) fn resync(&mut self, ctx: &mut Context<Self>) {
+        let store = self.context.store.clone();
+        let room = self.name.clone();
+        let load = tokio::task::spawn_blocking(move || {
+            let generation = store.generation();
+            store
+                .load_room(&room, TAIL_MAX_MESSAGES)
+                .map(|s| (generation, s))
+        });
+        ctx.wait(load.into_actor(self).map(|result, act, ctx| {
+            let Ok(Ok((generation, snapshot))) = result else {
+                return; // Still failing: the next maintenance tick retries.
+            };
+            let Some(log) = act.log.as_mut() else { return };
+            let unchanged = snapshot.damage.is_none()
+                && snapshot.epoch == Some(log.epoch)
+                && snapshot.last_offset >= log.durable;
+            if unchanged {
+                // Writes still on their way carry the old generation and
+                // will be refused: their publishes are refused now.
+                for reply in log.roll_back() {
+                    let error = StoreError::Unavailable("the store was recovering".into());
+                    act.reply_error(reply, RoomError::Store(error));
+                }
+                let Some(log) = act.log.as_mut() else { return };
+                log.generation = generation;
+                log.degraded = false;
+                if snapshot.last_offset > log.durable {
+                    let after = log.durable;
+                    act.write(ctx, vec![WriteOp::Truncate { after }], None);
+                }
+                tracing::info!(room = %act.name, "room takes publishes again");
+                return;
+            }
+            tracing::warn!(room = %act.name, "room moved to a new epoch while the store recovered; its members join again");
+            for member in act.members.values() {
+                member.link.tell(Outbound::RoomClosed(act.name.clone()));
+            }
+            act.members.clear();
+            act.presence.clear_local();
+            act.empty_since = Some(Instant::now());
+            act.update_stats();
+            act.loaded(ctx, generation, snapshot);
+        }));
+    }
+
     /// A room without a log gets a new epoch in memory; the log (and the
     /// epoch with it) is written with its first message, so joining rooms
     /// that never see a message leaves nothing on disk. An epoch that was
     /// never written covered no messages, so losing it in a restart costs a
-    /// resuming client nothing.
-    pub(super) fn loaded(&mut self, snapshot: RoomSnapshot) {
+    /// resuming client nothing. A damaged log moves to a new epoch at once
+    /// (written now), keeping only what could be trusted.
+    pub(super) fn loaded(
+        &mut self,
+        ctx: &mut Context<Self>,
+        generation: u64,
+        snapshot: RoomSnapshot,
+    ) {
         let window_ms = self.settings().history.dedup_window_secs * 1000;
-        let epoch = snapshot.epoch.unwrap_or_else(new_epoch);
-        self.log = Some(LogState::from_snapshot(snapshot, epoch, window_ms));
+        let damaged = snapshot.damage.is_some();
+        let epoch = match snapshot.epoch {
+            Some(epoch) if !damaged => epoch,
+            _ => new_epoch(),
+        };
+        let (stray_from, first, last) = (
+            snapshot.stray_from,
+            snapshot.first_offset,
+            snapshot.last_offset,
+        );
+        self.log = Some(LogState::from_snapshot(
+            snapshot, epoch, window_ms, generation,
+        ));
+        if damaged {
+            let mut ops = Vec::new();
+            if let Some(from) = stray_from {
+                ops.push(WriteOp::Prune { from, to: first });
+            }
+            ops.push(WriteOp::SetHeader { last });
+            self.write(ctx, ops, None);
+        }
     }
 }

@@ -1,0 +1,355 @@
+//! The store's one writer thread: group commit, bounded sled batches, and
+//! recovery from write failures.
+//!
+//! It takes every batch that is waiting and applies them in sled batches of
+//! at most [`MAX_SLED_BATCH_BYTES`] each (one room's batch is never split, so
+//! it stays atomic), then, with `durability = sync`, flushes once for the
+//! whole group before calling their `done`. Why bounded: sled 0.34 cannot
+//! reclaim log segments written while one batch spans several of them; one
+//! sled batch per group (thousands of appends under load) made memory and
+//! the data dir grow with every message that ever passed, pruned or not
+//! (BENCHMARKS.md, "Storage soak").
+//!
+//! When a write or flush fails (a full disk, an I/O error) sled refuses every
+//! later write of that open database. The writer then fails what is queued,
+//! reports the store unwritable, and reopens the database once there is room
+//! again, which starts a new incarnation ([`super::lifecycle`]) and raises the
+//! store's generation so rooms reload their view before writing again.
+
+use super::keys::{self, Header, SEQ_KEY};
+use super::sled_store::{Handles, Shared};
+use super::{StoreError, WriteBatch, WriteDone, WriteOp};
+use crate::config::Durability;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The most bytes of keys and values one sled batch carries (a quarter of
+/// sled's 512 KiB log segment); measured: 256 appends per batch plateau,
+/// 1 024 grow without bound.
+const MAX_SLED_BATCH_BYTES: usize = 128 * 1024;
+
+/// The most batches one group commit takes, so `done` callbacks keep flowing
+/// under a flood.
+const MAX_GROUP: usize = 4096;
+
+/// How often an unwritable store checks whether it can recover.
+const RECOVERY_CHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// Free bytes the disk needs before a reopen is tried after a failure (sled
+/// starts a new segment on open); other failures are retried every
+/// [`RECOVERY_RETRY_ANYWAY`].
+const RECOVERY_MIN_FREE: u64 = 4 * 1024 * 1024;
+const RECOVERY_RETRY_ANYWAY: Duration = Duration::from_secs(10);
+
+/// What clients are told while writes fail (the OS's words go to the log).
+pub(super) const WRITE_FAILED: &str =
+    "the disk refused the last writes (full, or an I/O error); nothing was stored";
+
+/// How often, at most, a `sync` store records in the seal how much is flushed.
+const SEAL_EVERY: Duration = Duration::from_secs(1);
+
+pub(super) enum Job {
+    Write(WriteBatch, WriteDone),
+    Flush(mpsc::SyncSender<Result<(), StoreError>>),
+}
+
+pub(super) struct Writer {
+    pub shared: Arc<Shared>,
+    /// `None` only while a reopen has not succeeded yet.
+    pub handles: Option<Handles>,
+    pub commit_delay: Duration,
+    /// Write groups applied (the log's `seq`), and the last one sealed.
+    pub seq: u64,
+    pub sealed_at: Instant,
+}
+
+impl Writer {
+    pub fn run(mut self, jobs: mpsc::Receiver<Job>) {
+        let mut last_group = 0;
+        let mut last_attempt = Instant::now();
+        loop {
+            if !self.shared.health.is_writable() {
+                match jobs.recv_timeout(RECOVERY_CHECK_EVERY) {
+                    Ok(job) => refuse(job, self.shared.health.error()),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+                self.try_recover(&mut last_attempt);
+                continue;
+            }
+            let Ok(first) = jobs.recv() else { break };
+            let group = gather(&jobs, first, last_group > 1, self.commit_delay);
+            last_group = group.len();
+            if let Err(error) = self.commit(group) {
+                tracing::error!(%error, "store write failed; publishes get `unavailable` until it recovers");
+                self.shared.health.fail(error.to_string());
+                // Everything queued was made against the failed state.
+                while let Ok(job) = jobs.try_recv() {
+                    refuse(job, self.shared.health.error());
+                }
+                last_attempt = Instant::now();
+            }
+        }
+        self.finish();
+    }
+
+    /// Applies and (as the durability asks) flushes one group; every `done`
+    /// gets the outcome.
+    fn commit(&mut self, group: Vec<Job>) -> Result<(), StoreError> {
+        let Some(handles) = self.handles.clone() else {
+            for job in group {
+                refuse(
+                    job,
+                    StoreError::Unavailable("the store is reopening".into()),
+                );
+            }
+            return Ok(());
+        };
+        let generation = self.shared.health.generation();
+        let mut done = Vec::with_capacity(group.len());
+        let mut flush_waiters = Vec::new();
+        let mut chunk = sled::Batch::default();
+        let mut chunk_bytes = 0;
+        let mut result = Ok(());
+        for job in group {
+            match job {
+                Job::Write(write, callback) if write.generation < generation => {
+                    callback(Err(StoreError::Stale));
+                }
+                Job::Write(write, callback) => {
+                    if result.is_ok() {
+                        chunk_bytes += add_to_batch(&mut chunk, &handles, write);
+                        if chunk_bytes >= MAX_SLED_BATCH_BYTES {
+                            result = handles.log.apply_batch(std::mem::take(&mut chunk));
+                            chunk_bytes = 0;
+                        }
+                    }
+                    done.push(callback);
+                }
+                Job::Flush(waiter) => flush_waiters.push(waiter),
+            }
+        }
+        let result = result.map_err(StoreError::from).and_then(|()| {
+            self.seq += 1;
+            chunk.insert(SEQ_KEY, &self.seq.to_be_bytes()[..]);
+            handles.log.apply_batch(chunk)?;
+            let sync = self.shared.durability == Durability::Sync;
+            if sync || !flush_waiters.is_empty() {
+                handles.db.flush()?;
+                if sync && self.sealed_at.elapsed() >= SEAL_EVERY {
+                    self.sealed_at = Instant::now();
+                    super::lifecycle::write_seal(&self.shared.dir, self.seq)?;
+                }
+            }
+            Ok(())
+        });
+        let reported = result
+            .as_ref()
+            .map(|_| ())
+            .map_err(|_| StoreError::Unavailable(WRITE_FAILED.into()));
+        for callback in done {
+            callback(reported.clone());
+        }
+        for waiter in flush_waiters {
+            let _ = waiter.send(reported.clone());
+        }
+        result
+    }
+
+    /// Reopens the database once the disk has room again (or, for other
+    /// failures, every little while): a new incarnation and generation.
+    fn try_recover(&mut self, last_attempt: &mut Instant) {
+        let room_again = free_bytes(&self.shared.dir).is_some_and(|f| f >= RECOVERY_MIN_FREE);
+        if !room_again && last_attempt.elapsed() < RECOVERY_RETRY_ANYWAY {
+            return;
+        }
+        *last_attempt = Instant::now();
+        // Every handle must go before sled lets the directory be opened again.
+        drop(self.shared.handles.write().take());
+        drop(self.handles.take());
+        match super::sled_store::open_handles(&self.shared.dir, self.shared.durability) {
+            Ok((handles, begun)) => {
+                tracing::info!(incarnation = begun.incarnation, "the store can write again");
+                super::sled_store::report_new_epochs(&begun);
+                self.seq = begun.seq;
+                self.handles = Some(handles.clone());
+                *self.shared.handles.write() = Some(handles);
+                self.shared.health.recover();
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the store cannot reopen yet; retrying");
+            }
+        }
+    }
+
+    /// The jobs channel closed (the store is closing): a clean end of this
+    /// incarnation if the store is healthy.
+    fn finish(&self) {
+        let (true, Some(handles)) = (self.shared.health.is_writable(), &self.handles) else {
+            tracing::error!(
+                error = %self.shared.health.reason(),
+                "the store closes without its last writes: publishes that failed were never acked; with `batched` durability, rooms written since the last flush move to a new epoch at the next start"
+            );
+            return;
+        };
+        if let Err(error) =
+            super::lifecycle::end(&handles.db, &self.shared.dir, handles.incarnation, self.seq)
+        {
+            tracing::error!(%error, "store flush at close failed");
+        }
+    }
+}
+
+fn refuse(job: Job, error: StoreError) {
+    match job {
+        Job::Write(_, done) => done(Err(error)),
+        Job::Flush(waiter) => {
+            let _ = waiter.send(Err(error));
+        }
+    }
+}
+
+/// Free bytes on the file system holding `dir`.
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid C string and `stat` a writable statvfs.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
+    (rc == 0).then(|| stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+/// Takes `first` and every job waiting. When busy (the last group had
+/// company) it first waits `delay` (like PostgreSQL's `commit_delay`), so the
+/// group takes in the writes about to arrive: fewer, larger groups mean fewer
+/// fsyncs, one wake-up of each room per group instead of per write, and
+/// larger fan-outs (one socket write per member per group). One sleep, not a
+/// wait on the channel: a blocked receiver is woken by every single write,
+/// which is the cost this avoids. A lone writer (one publish at a time)
+/// never waits.
+pub(super) fn gather(
+    jobs: &mpsc::Receiver<Job>,
+    first: Job,
+    busy: bool,
+    delay: Duration,
+) -> Vec<Job> {
+    if busy && !delay.is_zero() {
+        std::thread::sleep(delay);
+    }
+    let mut group = vec![first];
+    while group.len() < MAX_GROUP {
+        match jobs.try_recv() {
+            Ok(job) => group.push(job),
+            Err(_) => break,
+        }
+    }
+    group
+}
+
+/// Adds one room's changes to `batch`; returns about how many bytes they add.
+fn add_to_batch(batch: &mut sled::Batch, handles: &Handles, write: WriteBatch) -> usize {
+    let room = write.room.as_str().as_bytes();
+    let mut bytes = 0;
+    let mut header_last = None;
+    let insert = |batch: &mut sled::Batch, bytes: &mut usize, key: Vec<u8>, value: &[u8]| {
+        *bytes += key.len() + value.len();
+        batch.insert(key, value);
+    };
+    for op in write.ops {
+        match op {
+            WriteOp::Append { message, key } => {
+                if let Some(key) = key {
+                    let entry = keys::pair(message.offset, message.ts);
+                    insert(batch, &mut bytes, keys::dedup_key(room, &key), &entry);
+                }
+                let text = message.as_str().as_bytes();
+                insert(
+                    batch,
+                    &mut bytes,
+                    keys::message_key(room, message.offset),
+                    text,
+                );
+                header_last = Some(message.offset);
+            }
+            WriteOp::Prune { from, to } => {
+                for offset in from..to {
+                    bytes += room.len() + 10;
+                    batch.remove(keys::message_key(room, offset));
+                }
+            }
+            WriteOp::ForgetKeys(keys_to_forget) => {
+                for key in keys_to_forget {
+                    bytes += room.len() + key.len() + 2;
+                    batch.remove(keys::dedup_key(room, &key));
+                }
+            }
+            WriteOp::Truncate { after } => {
+                bytes += truncate(batch, handles, room, after);
+                header_last = Some(after);
+            }
+            WriteOp::SetHeader { last } => header_last = Some(last),
+        }
+    }
+    if let Some(last) = header_last {
+        let header = Header {
+            epoch: write.epoch,
+            last,
+            incarnation: handles.incarnation,
+        };
+        insert(
+            batch,
+            &mut bytes,
+            keys::room_meta_key(room),
+            &header.encode(),
+        );
+    }
+    bytes
+}
+
+/// Removes what a room's log holds after `after` (messages, and the keys of
+/// idempotent publishes that got those offsets).
+fn truncate(batch: &mut sled::Batch, handles: &Handles, room: &[u8], after: u64) -> usize {
+    let mut bytes = 0;
+    let from = keys::message_key(room, after.saturating_add(1));
+    let to = keys::message_key(room, u64::MAX);
+    for key in handles.log.range(from..=to).keys().flatten() {
+        bytes += key.len();
+        batch.remove(key);
+    }
+    for (key, value) in handles.log.scan_prefix(keys::dedup_prefix(room)).flatten() {
+        if keys::unpair(&value).is_some_and(|(offset, _)| offset > after) {
+            bytes += key.len();
+            batch.remove(key);
+        }
+    }
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flush_job() -> Job {
+        Job::Flush(mpsc::sync_channel(1).0)
+    }
+
+    #[test]
+    fn a_lone_writer_does_not_wait_and_a_busy_one_gathers() {
+        let (tx, rx) = mpsc::channel();
+        // Not busy: only what is already queued, however long the delay.
+        tx.send(flush_job()).unwrap();
+        let group = gather(&rx, flush_job(), false, Duration::from_secs(3600));
+        assert_eq!(group.len(), 2);
+        // Busy: a write sent during the delay joins the group (50 ms into a
+        // 1 s delay: wide margins on a noisy machine).
+        let late = tx.clone();
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            late.send(flush_job()).unwrap();
+        });
+        let group = gather(&rx, flush_job(), true, Duration::from_secs(1));
+        sender.join().unwrap();
+        assert_eq!(group.len(), 2);
+    }
+}
