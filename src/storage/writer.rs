@@ -37,10 +37,11 @@ const MAX_GROUP: usize = 4096;
 const RECOVERY_CHECK_EVERY: Duration = Duration::from_millis(500);
 
 /// Free bytes the disk needs before a reopen is tried after a failure (sled
-/// starts a new segment on open); other failures are retried every
-/// [`RECOVERY_RETRY_ANYWAY`].
+/// starts a new segment on open). With room on the disk (the failure was
+/// something else), a reopen is tried at most every [`RECOVERY_RETRY_EVERY`]:
+/// each attempt closes the database, and reads wait for it meanwhile.
 const RECOVERY_MIN_FREE: u64 = 4 * 1024 * 1024;
-const RECOVERY_RETRY_ANYWAY: Duration = Duration::from_secs(10);
+const RECOVERY_RETRY_EVERY: Duration = Duration::from_secs(2);
 
 /// What clients are told while writes fail (the OS's words go to the log).
 pub(super) const WRITE_FAILED: &str =
@@ -138,8 +139,12 @@ impl Writer {
             if sync || !flush_waiters.is_empty() {
                 handles.db.flush()?;
                 if sync && self.sealed_at.elapsed() >= SEAL_EVERY {
+                    // The group is durable whatever happens to the seal: a
+                    // seal that cannot be written now is written later.
                     self.sealed_at = Instant::now();
-                    super::lifecycle::write_seal(&self.shared.dir, self.seq)?;
+                    if let Err(error) = super::lifecycle::write_seal(&self.shared.dir, self.seq) {
+                        tracing::warn!(%error, "the store's seal was not updated");
+                    }
                 }
             }
             Ok(())
@@ -160,8 +165,8 @@ impl Writer {
     /// Reopens the database once the disk has room again (or, for other
     /// failures, every little while): a new incarnation and generation.
     fn try_recover(&mut self, last_attempt: &mut Instant) {
-        let room_again = free_bytes(&self.shared.dir).is_some_and(|f| f >= RECOVERY_MIN_FREE);
-        if !room_again && last_attempt.elapsed() < RECOVERY_RETRY_ANYWAY {
+        let room_again = free_bytes(&self.shared.dir).is_none_or(|f| f >= RECOVERY_MIN_FREE);
+        if !room_again || last_attempt.elapsed() < RECOVERY_RETRY_EVERY {
             return;
         }
         *last_attempt = Instant::now();

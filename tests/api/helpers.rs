@@ -103,6 +103,15 @@ impl TestApp {
         }
     }
 
+    /// The hub's data dir (its own, or the one `ROOMHUB_STORAGE__DATA_DIR` named).
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self.env
+            .iter()
+            .find(|(k, _)| k == "ROOMHUB_STORAGE__DATA_DIR")
+            .map(|(_, v)| v.into())
+            .unwrap_or_else(|| self._dir.path().join("data"))
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -189,6 +198,13 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The hub's side of a failing test.
+            let log = self.log.lock().map(|l| l.clone()).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!("--- roomhub log (last lines) ---\n{}", tail.join("\n"));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

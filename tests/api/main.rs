@@ -14,5 +14,6 @@ mod protection;
 mod protocol;
 mod rooms;
 mod store;
+mod store_faults;
 mod transport;
 mod web_client;
