@@ -103,6 +103,11 @@ impl TestApp {
         }
     }
 
+    /// The hub's sled directory (open it only while the hub is stopped).
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self._dir.path().join("data")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -236,6 +241,27 @@ impl TestClient {
         match self.next_message().await {
             Message::Text(text) => serde_json::from_str(&text).expect("frames are JSON"),
             other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// The next text frame as sent, unparsed (for frames a `Value` cannot hold).
+    pub async fn next_text(&mut self) -> String {
+        match self.next_message().await {
+            Message::Text(text) => text,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// Sends `text` (a frame carrying `"ref":"<reference>"`) and returns the
+    /// text of the reply that echoes it, unparsed.
+    pub async fn request_text(&mut self, text: &str, reference: &str) -> String {
+        self.send_text(text).await;
+        let echo = format!(r#""ref":"{reference}""#);
+        loop {
+            let reply = self.next_text().await;
+            if reply.contains(&echo) {
+                return reply;
+            }
         }
     }
 

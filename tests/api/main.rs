@@ -10,6 +10,7 @@ mod http_api;
 mod load_tool;
 mod nats;
 mod persistence;
+mod poison;
 mod protection;
 mod protocol;
 mod rooms;
