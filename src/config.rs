@@ -43,7 +43,7 @@ pub struct ServerSettings {
     )]
     pub node_id: Option<String>,
     pub shutdown_grace_ms: u64,
-    /// An addition to CONFIG.md: the most an HTTP request body may take to
+    /// An addition to the configuration contract (docs/configuration.md): the most an HTTP request body may take to
     /// arrive, from the start of its request's handling (the headers have 5 s
     /// of their own). A slower body gets 408 and its connection is closed.
     pub body_timeout_ms: u64,
@@ -74,7 +74,7 @@ pub enum Durability {
 pub struct StorageSettings {
     pub data_dir: PathBuf,
     pub durability: Durability,
-    /// An addition to CONFIG.md: how long a busy store writer waits for more
+    /// An addition to the configuration contract (docs/configuration.md): how long a busy store writer waits for more
     /// writes before a group commit, in µs (0 = never). See `sled_store`.
     pub commit_delay_us: u64,
 }
@@ -194,7 +194,7 @@ impl Default for ClusterSettings {
     }
 }
 
-/// An addition to CONFIG.md: how rooms live on a node.
+/// An addition to the configuration contract (docs/configuration.md): how rooms live on a node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoomSettings {
@@ -222,7 +222,7 @@ pub enum ConfigError {
 }
 
 impl Settings {
-    /// Loads the layers of CONFIG.md. `config_file` is `--config` or `ROOMHUB_CONFIG`.
+    /// Loads the layers of docs/configuration.md. `config_file` is `--config` or `ROOMHUB_CONFIG`.
     pub fn load(config_file: Option<&Path>) -> Result<Settings, ConfigError> {
         let mut figment = Figment::new().merge(Serialized::defaults(Settings::default()));
         let default_file = Path::new("config/default.toml");

@@ -1,7 +1,7 @@
 //! Client → hub frames and their decoder.
 //!
 //! Decoding is staged so that every failure maps to the right error code
-//! (PROTOCOL.md, "Names"): not a JSON object → `invalid_json`; no string
+//! (docs/protocol.md, "Frames in general"): not a JSON object → `invalid_json`; no string
 //! `type` → `bad_request`; an unknown `type` → `unknown_type`; a known type
 //! with missing or ill-typed fields → `bad_request`. A valid `ref` is kept
 //! even when the rest of the frame is bad, so the error can echo it.

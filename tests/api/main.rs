@@ -4,6 +4,7 @@ mod cluster;
 mod cluster_haproxy;
 mod codec_props;
 mod config;
+mod docs;
 mod helpers;
 mod history;
 mod http_api;
