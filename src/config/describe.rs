@@ -26,7 +26,11 @@ fn variable_for(key: &str) -> String {
         .filter_map(|(name, _)| name.into_string().ok())
         .filter(|name| {
             let upper = name.trim().to_ascii_uppercase();
-            upper == wanted || upper.starts_with(&deeper)
+            // Only setting variables (with `__`) can have set a key.
+            let is_setting = upper
+                .strip_prefix(ENV_PREFIX)
+                .is_some_and(|rest| rest.contains("__"));
+            is_setting && (upper == wanted || upper.starts_with(&deeper))
         })
         .collect();
     names.sort();

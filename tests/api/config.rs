@@ -254,6 +254,17 @@ fn config_errors_say_what_is_wrong_once_and_where_it_came_from() {
             vec!["bnid.bnid", "BNID__BNID"],
         ),
         (
+            // A top-level unknown section, next to a Kubernetes variable of
+            // the same name: the setting variable is the one named.
+            vec![],
+            vec![
+                ("ROOMHUB_PORT__X", "1"),
+                ("ROOMHUB_PORT", "tcp://10.0.0.7:8080"),
+            ],
+            vec!["port (from ROOMHUB_PORT__X): unknown key"],
+            vec!["port.port", "ROOMHUB_PORT,"],
+        ),
+        (
             vec![],
             vec![("ROOMHUB_LIMITS__PUBLISH_PER_SECOND", "5")],
             vec!["did you mean `limits.publish_per_sec`?"],
