@@ -136,9 +136,44 @@ impl Authenticator {
     }
 }
 
+/// The credentials of an `Authorization: <scheme> <credentials>` header when
+/// the scheme is `Bearer`. RFC 7235 §2.1: the scheme is case-insensitive, and
+/// one or more spaces may separate it from the credentials.
+pub fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, rest) = authorization.trim_start().split_once(' ')?;
+    let token = rest.trim_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Whether an `Authorization` header carries the API key; an empty key
+/// refuses everyone.
+pub fn api_key_matches(authorization: Option<&str>, key: &str) -> bool {
+    match authorization.and_then(bearer_token) {
+        Some(given) => !key.is_empty() && constant_time_eq(given.as_bytes(), key.as_bytes()),
+        None => false,
+    }
+}
+
+/// Compares without leaking where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for header in ["Bearer k", "bearer k", "BEARER k", "bEaReR   k"] {
+            assert!(api_key_matches(Some(header), "k"), "{header}");
+        }
+        for header in ["Bearer", "Bearer ", "Basic k", "Bearerk", "Bearer j"] {
+            assert!(!api_key_matches(Some(header), "k"), "{header}");
+        }
+        assert!(!api_key_matches(None, "k"));
+        assert!(!api_key_matches(Some("Bearer "), ""));
+    }
 
     fn room(s: &str) -> RoomName {
         RoomName::parse(s).unwrap()

@@ -1,4 +1,4 @@
-//! Settings: the layered configuration of `../shared/design/CONFIG.md`.
+//! Settings: the layered configuration described in `docs/configuration.md`.
 //!
 //! Layers, later winning: built-in defaults, `config/default.toml` in the
 //! working directory, the `--config` file (or `ROOMHUB_CONFIG`), then
@@ -7,11 +7,14 @@
 //! nothing here starts anything.
 
 use figment::providers::{Env, Format, Serialized, Toml};
-use figment::{Figment, Metadata, Source};
+use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
+mod describe;
+use describe::{describe_figment_error, source_of};
 
 /// The prefix of every environment variable the hub reads.
 pub const ENV_PREFIX: &str = "ROOMHUB_";
@@ -40,6 +43,10 @@ pub struct ServerSettings {
     )]
     pub node_id: Option<String>,
     pub shutdown_grace_ms: u64,
+    /// An addition to the configuration contract (docs/configuration.md): the most an HTTP request body may take to
+    /// arrive, from the start of its request's handling (the headers have 5 s
+    /// of their own). A slower body gets 408 and its connection is closed.
+    pub body_timeout_ms: u64,
 }
 
 impl Default for ServerSettings {
@@ -48,6 +55,7 @@ impl Default for ServerSettings {
             bind: SocketAddr::from(([0, 0, 0, 0], 8080)),
             node_id: None,
             shutdown_grace_ms: 10_000,
+            body_timeout_ms: 10_000,
         }
     }
 }
@@ -66,7 +74,7 @@ pub enum Durability {
 pub struct StorageSettings {
     pub data_dir: PathBuf,
     pub durability: Durability,
-    /// An addition to CONFIG.md: how long a busy store writer waits for more
+    /// An addition to the configuration contract (docs/configuration.md): how long a busy store writer waits for more
     /// writes before a group commit, in µs (0 = never). See `sled_store`.
     pub commit_delay_us: u64,
 }
@@ -186,7 +194,7 @@ impl Default for ClusterSettings {
     }
 }
 
-/// An addition to CONFIG.md: how rooms live on a node.
+/// An addition to the configuration contract (docs/configuration.md): how rooms live on a node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoomSettings {
@@ -207,12 +215,14 @@ impl Default for RoomSettings {
 pub enum ConfigError {
     #[error("config file {0} does not exist")]
     MissingFile(PathBuf),
+    #[error("config file {0} is a directory, not a file")]
+    Directory(PathBuf),
     #[error("{0}")]
     Invalid(String),
 }
 
 impl Settings {
-    /// Loads the layers of CONFIG.md. `config_file` is `--config` or `ROOMHUB_CONFIG`.
+    /// Loads the layers of docs/configuration.md. `config_file` is `--config` or `ROOMHUB_CONFIG`.
     pub fn load(config_file: Option<&Path>) -> Result<Settings, ConfigError> {
         let mut figment = Figment::new().merge(Serialized::defaults(Settings::default()));
         let default_file = Path::new("config/default.toml");
@@ -220,17 +230,18 @@ impl Settings {
             figment = figment.merge(Toml::file_exact(default_file));
         }
         if let Some(file) = config_file {
-            if !file.is_file() {
+            // Anything readable will do (`/dev/null`, a pipe): only a path
+            // that is missing or a directory is refused here; figment reports
+            // a file it cannot read, naming it.
+            if file.is_dir() {
+                return Err(ConfigError::Directory(file.to_owned()));
+            }
+            if !file.exists() {
                 return Err(ConfigError::MissingFile(file.to_owned()));
             }
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment = figment.merge(
-            Env::prefixed(ENV_PREFIX)
-                .split("__")
-                // ROOMHUB_CONFIG names the file; it is not a setting.
-                .filter(|key| key != "config"),
-        );
+        figment = figment.merge(setting_variables());
         let settings: Settings = figment.extract().map_err(describe_figment_error)?;
         settings.validate().map_err(|(key, problem)| {
             let source = figment
@@ -252,6 +263,7 @@ impl Settings {
             }
         }
         at_least("history.max_per_room", self.history.max_per_room, 1)?;
+        at_least("server.body_timeout_ms", self.server.body_timeout_ms, 1)?;
         if self.history.replay > crate::protocol::MAX_HISTORY_PAGE {
             return Err((
                 "history.replay",
@@ -361,43 +373,15 @@ impl Settings {
     }
 }
 
-/// Where a value came from, in words a user can act on: the file's path or the
-/// exact environment variable.
-fn source_of(meta: &Metadata, key: &str) -> String {
-    match &meta.source {
-        Some(Source::File(path)) => path.display().to_string(),
-        _ if meta.name.contains("environment") => {
-            format!("{ENV_PREFIX}{}", key.replace('.', "__").to_uppercase())
-        }
-        _ => meta.name.to_string(),
-    }
-}
-
-fn describe_figment_error(error: figment::Error) -> ConfigError {
-    let lines: Vec<String> = error
-        .into_iter()
-        .map(|e| {
-            let mut key = e.path.join(".");
-            if let figment::error::Kind::UnknownField(field, _) = &e.kind {
-                key = if key.is_empty() {
-                    field.clone()
-                } else {
-                    format!("{key}.{field}")
-                };
-            }
-            let source = e
-                .metadata
-                .as_ref()
-                .map(|m| source_of(m, &key))
-                .unwrap_or_else(|| "unknown source".into());
-            let what = match &e.kind {
-                figment::error::Kind::UnknownField(..) => "unknown key".to_string(),
-                other => other.to_string(),
-            };
-            format!("{key} (from {source}): {what}")
-        })
-        .collect();
-    ConfigError::Invalid(lines.join("\n"))
+/// The `ROOMHUB_<SECTION>__<KEY>` variables, as settings. Only names with
+/// the `__` separator are settings: `ROOMHUB_CONFIG` names the file, and the
+/// service links Kubernetes puts in every pod of a namespace with a Service
+/// named `roomhub` (`ROOMHUB_PORT=tcp://…`, `ROOMHUB_SERVICE_HOST`, …) are
+/// none of ours, so they must never stop start-up.
+fn setting_variables() -> Env {
+    Env::prefixed(ENV_PREFIX)
+        .filter(|key| key.as_str().contains("__"))
+        .split("__")
 }
 
 /// A string setting that also accepts numbers and booleans, because values

@@ -3,7 +3,7 @@
 //!
 //! Code map, in reading order:
 //! - [`protocol`]: PURE wire types, codec, names, error and close codes.
-//! - [`config`]: layered settings (CONFIG.md), validated before anything starts.
+//! - [`config`]: layered settings (docs/configuration.md), validated before anything starts.
 //! - [`storage`]: the history log trait, sled (group commit) and in-memory
 //!   implementations, store-format migrations.
 //! - [`room`]: one actor per room, the only writer of its log; the registry.

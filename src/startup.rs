@@ -134,6 +134,12 @@ fn serve(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Se
             let signal = shutdown_signal.clone();
             let app = App::new()
                 .app_data(app_state)
+                // The request head has a timeout (below); bodies get theirs
+                // in the handlers that read them, and one left unread
+                // closes its connection rather than being drained forever.
+                .wrap(actix_web::middleware::from_fn(
+                    http::close_after_unread_body,
+                ))
                 .configure(http::routes)
                 .into_factory()
                 .map_err(|err| err.error_response());

@@ -23,6 +23,7 @@ const ui = {
   loginForm: $("login-form"),
   loginUser: $("login-user"),
   loginRoom: $("login-room"),
+  loginProblem: $("login-problem"),
   app: $("app"),
   conn: $("conn-state"),
   me: $("me-name"),
@@ -94,12 +95,15 @@ if (urlToken || (urlUser && USER_RE.test(urlUser) && urlRoom && ROOM_RE.test(url
   ui.login.hidden = false;
   ui.loginUser.value = urlUser || localStorage.getItem("roomhub.user") || "";
   if (urlRoom) ui.loginRoom.value = urlRoom;
+  // A name from the link that the hub would refuse: say why instead of
+  // silently asking again.
+  showLoginProblem(urlUser, urlRoom);
   (ui.loginUser.value ? ui.loginRoom : ui.loginUser).focus();
   ui.loginForm.addEventListener("submit", (e) => {
     e.preventDefault();
     const user = ui.loginUser.value.trim();
     const room = ui.loginRoom.value.trim();
-    if (!USER_RE.test(user) || !ROOM_RE.test(room)) return;
+    if (showLoginProblem(user, room)) return;
     try {
       localStorage.setItem("roomhub.user", user);
     } catch (_) {
@@ -107,6 +111,28 @@ if (urlToken || (urlUser && USER_RE.test(urlUser) && urlRoom && ROOM_RE.test(url
     }
     start(user, room);
   });
+}
+
+/**
+ * Shows why `user` or `room` cannot be used (the hub's name rules), if so.
+ * `null` means "not given" and is not a problem here.
+ * @returns {boolean} whether there was a problem
+ */
+function showLoginProblem(user, room) {
+  const problems = [];
+  if (user != null && !USER_RE.test(user)) {
+    problems.push(
+      `"${user}" cannot be a name: use 1–64 letters, digits, dots, dashes or underscores (no spaces).`,
+    );
+  }
+  if (room != null && !ROOM_RE.test(room)) {
+    problems.push(
+      `"${room}" cannot be a room: use 1–128 letters, digits, dots, dashes, underscores or colons.`,
+    );
+  }
+  ui.loginProblem.textContent = problems.join(" ");
+  ui.loginProblem.hidden = problems.length === 0;
+  return problems.length > 0;
 }
 
 // ---- rooms -------------------------------------------------------------

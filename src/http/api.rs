@@ -3,6 +3,7 @@
 
 use super::bodies::{read_body, DirectBody, PublishBody};
 use super::ApiError;
+use crate::auth::api_key_matches;
 use crate::protocol::{encode, RoomName, ServerFrame, UserId, MAX_HISTORY_PAGE};
 use crate::room::{HistoryQuery, Publish, PublishReply, RoomError};
 use crate::state::AppState;
@@ -15,23 +16,15 @@ const SERVER_USER: &str = "server";
 
 /// Checks `Authorization: Bearer <auth.api_key>`; an empty key refuses all.
 fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
-    let key = &state.settings.auth.api_key;
-    let given = req
+    let header = req
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(given) if !key.is_empty() && constant_time_eq(given.as_bytes(), key.as_bytes()) => {
-            Ok(())
-        }
-        _ => Err(ApiError::Unauthorized),
+        .and_then(|v| v.to_str().ok());
+    if api_key_matches(header, &state.settings.auth.api_key) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
     }
-}
-
-/// Compares without leaking where the first difference is.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn room_from(path: &str) -> Result<RoomName, ApiError> {
@@ -54,6 +47,10 @@ fn body_limit(state: &AppState) -> usize {
         .max(state.settings.limits.max_message_bytes + 4096)
 }
 
+fn body_timeout(state: &AppState) -> std::time::Duration {
+    std::time::Duration::from_millis(state.settings.server.body_timeout_ms)
+}
+
 pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({
         "node": state.node_id,
@@ -63,8 +60,11 @@ pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
     }))
 }
 
-pub async fn rooms(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({ "rooms": state.registry.summaries() }))
+/// Room names can be private (`dm:alice:bob`), so the list needs the API key;
+/// `/api/stats` (counts only) stays public.
+pub async fn rooms(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "rooms": state.registry.summaries() })))
 }
 
 #[derive(Deserialize)]
@@ -96,11 +96,23 @@ pub async fn room_history(
         limit,
     };
     let page = ask_room(&state, &room, query).await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "room": room,
-        "epoch": page.epoch,
-        "messages": page.messages,
-    })))
+    Ok(HttpResponse::Ok().json(HistoryResponse {
+        room: &room,
+        epoch: page.epoch,
+        messages: &page.messages,
+    }))
+}
+
+/// The history page as sent. Serialized straight to text, so each stored
+/// message goes out byte for byte as stored: it is never parsed again on the
+/// way out (`json!` would parse it into a `Value`, which fails, and panicked,
+/// on data that `Value` cannot hold, such as data stored before publishes
+/// were checked by `protocol::check_data`).
+#[derive(serde::Serialize)]
+struct HistoryResponse<'a> {
+    room: &'a RoomName,
+    epoch: u64,
+    messages: &'a [crate::protocol::EncodedMessage],
 }
 
 /// Sends `query` to the room, asking the registry again if the room stopped
@@ -129,7 +141,7 @@ pub async fn publish_to_room(
         return Err(ApiError::Draining);
     }
     let room = room_from(&room)?;
-    let body = read_body(payload, body_limit(&state)).await?;
+    let body = read_body(payload, body_limit(&state), body_timeout(&state)).await?;
     let PublishBody { data, user, key } =
         PublishBody::parse(&body, state.settings.limits.max_message_bytes)?;
     let user = user.unwrap_or_else(|| UserId::parse(SERVER_USER).expect("a valid user id"));
@@ -170,7 +182,7 @@ pub async fn direct_to_user(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
     let to = UserId::parse(&user).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let body = read_body(payload, body_limit(&state)).await?;
+    let body = read_body(payload, body_limit(&state), body_timeout(&state)).await?;
     let DirectBody { data } = DirectBody::parse(&body, state.settings.limits.max_message_bytes)?;
     let from = UserId::parse(SERVER_USER).expect("a valid user id");
     let frame = ByteString::from(encode(&ServerFrame::Direct {

@@ -3,30 +3,42 @@
 //! `data` may be any JSON, `null` included, and is never re-encoded.
 
 use super::ApiError;
-use crate::protocol::{UserId, MAX_REF_CHARS};
+use crate::protocol::{check_data, UserId, MAX_REF_CHARS};
+use futures_util::StreamExt;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
+use std::time::Duration;
 
 type Fields = HashMap<String, Box<RawValue>>;
 
-/// Reads a request body of at most `limit` bytes. A larger one is a bad body
-/// like any other (400 with a JSON error), not actix's plain-text 413.
+/// Reads a request body of at most `limit` bytes within `timeout`. A larger
+/// one is a bad body like any other (400 with a JSON error), not actix's
+/// plain-text 413. actix-http times out only the request head, so without
+/// the deadline a body that trickles in would hold its connection (and its
+/// buffer) forever: a slow one gets 408 and its connection is closed.
 pub async fn read_body(
     mut payload: actix_web::web::Payload,
     limit: usize,
+    timeout: Duration,
 ) -> Result<Vec<u8>, ApiError> {
-    use futures_util::StreamExt;
-    let mut body = Vec::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("unreadable body: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(ApiError::BadRequest(format!(
-                "the body is over {limit} bytes"
-            )));
+    let read = async {
+        let mut body = Vec::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("unreadable body: {e}")))?;
+            if body.len() + chunk.len() > limit {
+                return Err(ApiError::BadRequest(format!(
+                    "the body is over {limit} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+        Ok(body)
+    };
+    // The connection is closed after the 408 (`unread_body`): the rest of
+    // the body is not waited for.
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or(Err(ApiError::BodyTimeout(timeout)))
 }
 
 fn fields(body: &[u8]) -> Result<Fields, ApiError> {
@@ -43,6 +55,7 @@ fn data(fields: &mut Fields, max_bytes: usize) -> Result<Box<RawValue>, ApiError
             "`data` is over {max_bytes} bytes"
         )));
     }
+    check_data(&data).map_err(|e| ApiError::BadRequest(format!("`data`: {e}")))?;
     Ok(data)
 }
 
@@ -111,5 +124,8 @@ mod tests {
         assert!(PublishBody::parse(br#"{"data":"xxxxxxxxxx"}"#, 5).is_err());
         assert!(DirectBody::parse(b"[]", 100).is_err());
         assert!(DirectBody::parse(br#"{"data":[1]}"#, 100).is_ok());
+        // Data that no reader could parse back is refused, not stored.
+        assert!(PublishBody::parse(br#"{"data":1e999999}"#, 100).is_err());
+        assert!(PublishBody::parse(br#"{"data":"\ud800"}"#, 100).is_err());
     }
 }

@@ -1,16 +1,18 @@
-//! The route table (PROTOCOL.md, "HTTP") and nothing else: each handler lives
+//! The route table (docs/protocol.md, "HTTP routes") and nothing else: each handler lives
 //! in the module for its concern, and errors map to statuses in [`error`].
 
 mod api;
 mod bodies;
 mod error;
 mod health;
+mod unread_body;
 mod web_client;
 
 use actix_web::web;
 
 pub use bodies::{DirectBody, PublishBody};
 pub use error::ApiError;
+pub use unread_body::close_after_unread_body;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.app_data(

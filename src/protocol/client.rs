@@ -1,7 +1,7 @@
 //! Client → hub frames and their decoder.
 //!
 //! Decoding is staged so that every failure maps to the right error code
-//! (PROTOCOL.md, "Names"): not a JSON object → `invalid_json`; no string
+//! (docs/protocol.md, "Frames in general"): not a JSON object → `invalid_json`; no string
 //! `type` → `bad_request`; an unknown `type` → `unknown_type`; a known type
 //! with missing or ill-typed fields → `bad_request`. A valid `ref` is kept
 //! even when the rest of the frame is bad, so the error can echo it.
@@ -10,6 +10,7 @@
 //! only to measure it and copy it into the `message` frame.
 
 use super::codes::ErrorCode;
+use super::data::check_data;
 use super::names::{RoomName, UserId};
 use super::{MAX_HISTORY_PAGE, MAX_REF_CHARS};
 use serde::de::DeserializeOwned;
@@ -125,12 +126,15 @@ impl<'a> Decoder<'a> {
         RoomName::parse(&name).map_err(|e| self.bad(e.to_string()))
     }
 
-    /// `data` may be any JSON, `null` included, but must be present.
+    /// `data` may be any JSON, `null` included, that readers can parse back
+    /// ([`check_data`]), but must be present.
     fn data(&self) -> Result<Box<RawValue>, DecodeError> {
-        self.fields
+        let data = self
+            .fields
             .get("data")
-            .map(|raw| (*raw).to_owned())
-            .ok_or_else(|| self.bad("`data` is required"))
+            .ok_or_else(|| self.bad("`data` is required"))?;
+        check_data(data).map_err(|e| self.bad(format!("`data`: {e}")))?;
+        Ok((*data).to_owned())
     }
 
     fn bounded(
@@ -305,6 +309,15 @@ mod tests {
         }
         // `null` is valid data.
         assert!(decode(r#"{"type":"publish","room":"r","data":null}"#).is_ok());
+        // Data no reader could parse back is refused.
+        for data in [
+            "1e999999",
+            r#""\ud800""#,
+            &format!("{}1{}", "[".repeat(127), "]".repeat(127)),
+        ] {
+            let frame = format!(r#"{{"type":"publish","room":"r","data":{data}}}"#);
+            assert_eq!(code(&frame), ErrorCode::BadRequest, "{data}");
+        }
     }
 
     #[test]

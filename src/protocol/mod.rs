@@ -1,13 +1,15 @@
-//! The wire protocol, version 1 (`../shared/design/PROTOCOL.md` is the contract).
+//! The wire protocol, version 1 (`docs/protocol.md` is its reference).
 //!
 //! PURE: no actix, sled, NATS or I/O lives here, so the codec can be unit
 //! tested, benchmarked and fuzzed on its own. Everything that crosses the
 //! WebSocket is defined in this module: the names clients may use
 //! ([`names`]), what clients send ([`client`]), what the hub sends
-//! ([`server`]) and the error and close codes ([`codes`]).
+//! ([`server`]), the error and close codes ([`codes`]) and what `data` may
+//! hold ([`data`]).
 
 pub mod client;
 pub mod codes;
+pub mod data;
 pub mod names;
 pub mod server;
 
@@ -22,5 +24,6 @@ pub const MAX_REF_CHARS: usize = 64;
 
 pub use client::{decode, ClientFrame, ClientRequest, DecodeError, Since};
 pub use codes::{CloseCode, ErrorCode};
+pub use data::{check_data, DataError, MAX_DATA_DEPTH};
 pub use names::{NameError, RoomName, SessionId, UserId};
 pub use server::{encode, EncodedMessage, Message, PresenceEntry, ServerFrame};

@@ -229,6 +229,26 @@ impl SledStore {
         let raw = RawValue::from_string(text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         EncodedMessage::from_json(raw).map_err(|e| StoreError::Corrupt(e.to_string()))
     }
+
+    /// A stored message, or `None` (with a warning) if it cannot be decoded:
+    /// one unreadable entry must not make a room's whole history unreadable.
+    /// (A room that loads such an entry among its newest moves to a new
+    /// epoch; see [`Self::read_room`].)
+    fn readable(
+        &self,
+        room: &RoomName,
+        entry: Result<(sled::IVec, sled::IVec), sled::Error>,
+    ) -> Result<Option<EncodedMessage>, StoreError> {
+        let (key, json) = entry?;
+        match self.decode(json) {
+            Ok(message) => Ok(Some(message)),
+            Err(error) => {
+                let offset = keys::offset_of(&key);
+                tracing::warn!(%room, ?offset, %error, "skipped an unreadable stored message");
+                Ok(None)
+            }
+        }
+    }
 }
 
 impl Drop for SledStore {
@@ -383,12 +403,12 @@ impl HistoryStore for SledStore {
         match take {
             Take::Oldest => {
                 for entry in range.take(limit) {
-                    out.push(self.decode(entry?.1)?);
+                    out.extend(self.readable(room, entry)?);
                 }
             }
             Take::Newest => {
                 for entry in range.rev().take(limit) {
-                    out.push(self.decode(entry?.1)?);
+                    out.extend(self.readable(room, entry)?);
                 }
                 out.reverse();
             }
@@ -409,7 +429,10 @@ impl HistoryStore for SledStore {
             .log
             .range(keys::message_key(name, from)..=keys::message_key(name, u64::MAX))
         {
-            let message = self.decode(entry?.1)?;
+            // An unreadable message has no age: it goes with the expired ones.
+            let Some(message) = self.readable(room, entry)? else {
+                continue;
+            };
             if message.ts >= cutoff_ts {
                 return Ok(message.offset);
             }

@@ -1,6 +1,6 @@
-//! The command line and layered configuration of CONFIG.md.
+//! The command line and layered configuration (docs/configuration.md).
 
-use crate::helpers::bin;
+use crate::helpers::{bin, TestApp};
 use std::process::{Command, Output};
 
 fn roomhub(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -197,5 +197,124 @@ fn the_example_config_lists_valid_settings() {
     let dir = tempfile::tempdir().unwrap();
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml");
     let out = roomhub(dir.path(), &["check-config", "--config", example], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// What Kubernetes puts in every pod of a namespace with a Service named
+/// `roomhub`: none of it is a setting, so none of it may stop start-up.
+const KUBERNETES_SERVICE_LINKS: &[(&str, &str)] = &[
+    ("ROOMHUB_PORT", "tcp://10.0.0.7:8080"),
+    ("ROOMHUB_SERVICE_HOST", "10.0.0.7"),
+    ("ROOMHUB_SERVICE_PORT", "8080"),
+    ("ROOMHUB_SERVICE_PORT_HTTP", "8080"),
+    ("ROOMHUB_PORT_8080_TCP", "tcp://10.0.0.7:8080"),
+    ("ROOMHUB_PORT_8080_TCP_ADDR", "10.0.0.7"),
+    ("ROOMHUB_PORT_8080_TCP_PORT", "8080"),
+    ("ROOMHUB_PORT_8080_TCP_PROTO", "tcp"),
+];
+
+#[tokio::test]
+async fn kubernetes_service_links_do_not_stop_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = roomhub(dir.path(), &["check-config"], KUBERNETES_SERVICE_LINKS);
+    assert!(out.status.success(), "{}", text(&out));
+    // The real server starts and serves with them set.
+    let app = TestApp::spawn_with(KUBERNETES_SERVICE_LINKS).await;
+    let health = reqwest::get(app.url("/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    // A real setting next to them still counts, and is still checked.
+    let mut env = KUBERNETES_SERVICE_LINKS.to_vec();
+    env.push(("ROOMHUB_HISTORY__REPLAY", "7"));
+    let out = roomhub(dir.path(), &["check-config"], &env);
+    let s: toml::Value = toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!(s["history"]["replay"].as_integer(), Some(7));
+}
+
+#[test]
+fn config_errors_say_what_is_wrong_once_and_where_it_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("syntax.toml"), "[server\nbind = 1\n").unwrap();
+    std::fs::write(dir.path().join("section.toml"), "[histroy]\nreplay = 1\n").unwrap();
+    std::fs::create_dir(dir.path().join("adir")).unwrap();
+    // (arguments, environment, what the output must contain, must not contain)
+    type Case<'a> = (
+        Vec<&'a str>,
+        Vec<(&'a str, &'a str)>,
+        Vec<&'a str>,
+        Vec<&'a str>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            vec![],
+            vec![("ROOMHUB_SERVER__BNID", "x")],
+            vec![
+                "server.bnid (from ROOMHUB_SERVER__BNID): unknown key",
+                "did you mean `server.bind`?",
+            ],
+            vec!["bnid.bnid", "BNID__BNID"],
+        ),
+        (
+            // A top-level unknown section, next to a Kubernetes variable of
+            // the same name: the setting variable is the one named.
+            vec![],
+            vec![
+                ("ROOMHUB_PORT__X", "1"),
+                ("ROOMHUB_PORT", "tcp://10.0.0.7:8080"),
+            ],
+            vec!["port (from ROOMHUB_PORT__X): unknown key"],
+            vec!["port.port", "ROOMHUB_PORT,"],
+        ),
+        (
+            vec![],
+            vec![("ROOMHUB_LIMITS__PUBLISH_PER_SECOND", "5")],
+            vec!["did you mean `limits.publish_per_sec`?"],
+            vec![],
+        ),
+        (
+            vec!["--config", "section.toml"],
+            vec![],
+            vec!["histroy (from ", "section.toml", "did you mean `history`?"],
+            vec!["histroy.histroy"],
+        ),
+        (
+            vec!["--config", "syntax.toml"],
+            vec![],
+            vec!["syntax.toml: "],
+            vec![" (from"],
+        ),
+        (
+            vec![],
+            vec![("ROOMHUB_STORAGE__DURABILITY", "maybe")],
+            vec!["`maybe` is not one of `sync`, `batched`"],
+            vec!["``"],
+        ),
+        (
+            vec!["--config", "adir"],
+            vec![],
+            vec!["adir is a directory"],
+            vec!["does not exist"],
+        ),
+    ];
+    for (args, env, needles, absent) in cases {
+        let mut all = vec!["check-config"];
+        all.extend(&args);
+        let out = roomhub(dir.path(), &all, &env);
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{all:?} {env:?}: {said}");
+        for needle in needles {
+            assert!(
+                said.contains(needle),
+                "{all:?} {env:?}: {needle:?} not in {said}"
+            );
+        }
+        for wrong in absent {
+            assert!(
+                !said.contains(wrong),
+                "{all:?} {env:?}: {wrong:?} in {said}"
+            );
+        }
+    }
+    // Any readable file will do, even an empty device.
+    let out = roomhub(dir.path(), &["check-config", "--config", "/dev/null"], &[]);
     assert!(out.status.success(), "{}", text(&out));
 }

@@ -255,6 +255,27 @@ impl TestClient {
         }
     }
 
+    /// The next text frame as sent, unparsed (for frames a `Value` cannot hold).
+    pub async fn next_text(&mut self) -> String {
+        match self.next_message().await {
+            Message::Text(text) => text,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// Sends `text` (a frame carrying `"ref":"<reference>"`) and returns the
+    /// text of the reply that echoes it, unparsed.
+    pub async fn request_text(&mut self, text: &str, reference: &str) -> String {
+        self.send_text(text).await;
+        let echo = format!(r#""ref":"{reference}""#);
+        loop {
+            let reply = self.next_text().await;
+            if reply.contains(&echo) {
+                return reply;
+            }
+        }
+    }
+
     async fn next_message(&mut self) -> Message {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {

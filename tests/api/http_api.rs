@@ -139,6 +139,8 @@ async fn the_api_key_is_required() {
     let app = TestApp::spawn().await;
     let http = app.http();
     for (method, path) in [
+        // Room names are private data: the list needs the key (stats do not).
+        ("GET", "/api/rooms"),
         ("GET", "/api/rooms/r/messages"),
         ("POST", "/api/rooms/r/messages"),
         ("POST", "/api/users/u/messages"),
@@ -163,6 +165,21 @@ async fn the_api_key_is_required() {
             wrong.json::<Value>().await.unwrap()["error"],
             "unauthorized"
         );
+    }
+    assert_eq!(
+        reqwest::get(app.url("/api/stats")).await.unwrap().status(),
+        200,
+        "counts stay public"
+    );
+    // RFC 7235: the scheme is case-insensitive.
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let resp = http
+            .get(app.url("/api/rooms"))
+            .header("authorization", format!("{scheme} {API_KEY}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{scheme}");
     }
     // With no key configured, those routes always answer 401.
     let keyless = TestApp::spawn_with(&[("ROOMHUB_AUTH__API_KEY", "")]).await;
@@ -227,4 +244,94 @@ async fn bad_input_gets_400_with_a_json_error_never_500() {
         reqwest::get(app.url("/healthz")).await.unwrap().status(),
         200
     );
+}
+
+/// A body that trickles in is not waited for forever: 408 for the routes
+/// that read one, the plain answer for the others, and either way the
+/// connection is closed (it used to be held for as long as the client liked).
+#[tokio::test]
+async fn a_request_body_that_trickles_in_gets_an_answer_and_is_closed() {
+    let app = TestApp::spawn_with(&[("ROOMHUB_SERVER__BODY_TIMEOUT_MS", "1000")]).await;
+    let authorized = format!("authorization: Bearer {API_KEY}\r\n");
+    let cases = [
+        (
+            "POST /api/rooms/slow/messages",
+            authorized.as_str(),
+            "content-length: 200",
+            "408",
+        ),
+        (
+            "POST /api/rooms/slow/messages",
+            authorized.as_str(),
+            "transfer-encoding: chunked",
+            "408",
+        ),
+        (
+            "POST /api/users/u/messages",
+            authorized.as_str(),
+            "transfer-encoding: chunked",
+            "408",
+        ),
+        // Answered without reading the body: the body must not hold the connection either.
+        (
+            "POST /api/rooms/slow/messages",
+            "",
+            "transfer-encoding: chunked",
+            "401",
+        ),
+        ("GET /healthz", "", "transfer-encoding: chunked", "200"),
+    ];
+    for (request, auth, framing, status) in cases {
+        let answer = trickle(&app, request, auth, framing).await;
+        let case = format!("{request} {auth:?} {framing}");
+        let answer = answer.unwrap_or_else(|partial| {
+            panic!("{case}: the connection is still open after {WAIT:?}: {partial:?}")
+        });
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{case}: {answer:?}"
+        );
+        if status == "408" {
+            assert!(answer.contains("request_timeout"), "{case}: {answer:?}");
+        }
+    }
+    // The hub still answers, and a body sent at once keeps its connection.
+    let (status, _) = app.get_json("/api/rooms/slow/messages").await;
+    assert_eq!(status, 200);
+}
+
+/// Sends `request`'s head and then its body one byte every 100 ms (at most
+/// 200 of them, far slower than the timeout allows); returns everything the
+/// hub sent once it closed the connection, or `Err` with what it sent so far
+/// if it was still open after `WAIT`.
+async fn trickle(
+    app: &TestApp,
+    request: &str,
+    auth: &str,
+    framing: &str,
+) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let head = format!(
+        "{request} HTTP/1.1\r\nhost: x\r\n{auth}content-type: application/json\r\n{framing}\r\n\r\n"
+    );
+    writer.write_all(head.as_bytes()).await.unwrap();
+    let chunked = framing.starts_with("transfer");
+    let sender = tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_millis(100));
+        for _ in 0..200 {
+            every.tick().await;
+            let piece: &[u8] = if chunked { b"1\r\n \r\n" } else { b" " };
+            if writer.write_all(piece).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut answer = Vec::new();
+    // A reset (the hub closed while we were still sending) ends it too.
+    let read = tokio::time::timeout(WAIT, reader.read_to_end(&mut answer)).await;
+    sender.abort();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    read.map(|_| answer.clone()).map_err(|_| answer)
 }

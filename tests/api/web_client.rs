@@ -529,6 +529,32 @@ async fn scrolling_back_loads_older_history() {
     .await;
 }
 
+/// A name from the link that the hub would refuse is explained on the
+/// sign-in form (it used to show the form again without a word).
+#[tokio::test]
+async fn a_name_the_hub_cannot_use_is_explained() {
+    let app = TestApp::spawn().await;
+    let url = app.url("/?user=Alice%20Smith&room=lobby");
+    with_browsers(|browsers| async move {
+        let page = browsers.open(1000, 700).await;
+        page.goto(&url).await;
+        let problem = page
+            .wait(
+                "the reason the name cannot be used",
+                "const p = document.getElementById('login-problem');
+                 return !document.getElementById('login').hidden && !p.hidden && p.textContent",
+                vec![],
+            )
+            .await;
+        let problem = problem.as_str().unwrap_or_default().to_owned();
+        assert!(
+            problem.contains("Alice Smith") && problem.contains("no spaces"),
+            "{problem}"
+        );
+    })
+    .await;
+}
+
 /// Writes `docs/chat.png` and `docs/chat-phone.png` (run by hand).
 #[tokio::test]
 #[ignore = "writes the README's screenshots; run with --ignored"]
