@@ -74,7 +74,7 @@ pub(super) async fn catch_up(
             tail: Vec::new(),
             keys: Vec::new(),
             damage: None,
-            stray_from: None,
+            unreadable: Vec::new(),
         };
     }
     snapshot.keys.clear();

@@ -40,7 +40,7 @@ impl HistoryStore for MemoryStore {
                 tail: Vec::new(),
                 keys: Vec::new(),
                 damage: None,
-                stray_from: None,
+                unreadable: Vec::new(),
             });
         };
         let mut newest: Vec<EncodedMessage> =
@@ -61,7 +61,7 @@ impl HistoryStore for MemoryStore {
                 })
                 .collect(),
             damage: None,
-            stray_from: None,
+            unreadable: Vec::new(),
         })
     }
 

@@ -90,12 +90,12 @@ pub struct RoomSnapshot {
     pub tail: Vec<EncodedMessage>,
     pub keys: Vec<DedupEntry>,
     /// The log was found inconsistent (why): the room must move to a new
-    /// epoch. `tail`, `first_offset` and `last_offset` are then what can be
-    /// trusted, and `last_offset` is at least every offset ever found.
+    /// epoch. `tail` holds what is still readable, and `last_offset` is at
+    /// least every offset ever found, so none is handed out again.
     pub damage: Option<String>,
-    /// The oldest message key found, when it lies before `first_offset`
-    /// (damaged or unreachable entries the room prunes).
-    pub stray_from: Option<u64>,
+    /// Offsets whose stored message cannot be read (skipped; the room
+    /// removes them).
+    pub unreadable: Vec<u64>,
 }
 
 /// One change to a room's log.

@@ -8,7 +8,8 @@
 //!
 //! Reads check what they serve: a room's log whose header, offsets or
 //! messages do not agree is reported (with the room's name) and handed to the
-//! room as damaged, and the room moves to a new epoch ([`RoomSnapshot::damage`]).
+//! room as damaged; the room moves to a new epoch ([`RoomSnapshot::damage`])
+//! and keeps what is still readable.
 
 use super::keys::{self, Header, LOG_TREE, META_TREE, NODE_ID_KEY};
 use super::lifecycle::{self, Begun};
@@ -299,9 +300,11 @@ impl SledStore {
         // Never hand out an offset that was ever found.
         let last_offset = header_last.max(newest_found);
 
-        // The newest messages, checked to be readable and contiguous up to
-        // `last_offset`; a gap or an unreadable one ends what is trusted.
+        // The newest messages, checked to be readable, in place and
+        // contiguous up to `last_offset`. What is readable is kept (a gap
+        // stays a gap); what is not is skipped and reported for removal.
         let mut messages = Vec::with_capacity(tail.min(1024));
+        let mut unreadable = Vec::new();
         let mut expected = last_offset;
         let newest = log.range(..=keys::message_key(name, last_offset));
         for entry in newest.rev().take(tail) {
@@ -310,36 +313,29 @@ impl SledStore {
                 break;
             }
             let offset = key_offset(&key);
-            let problem = if offset != expected {
-                Some(format!("offsets {} to {expected} are missing", offset + 1))
-            } else {
-                match self.decode(value) {
-                    Ok(message) if message.offset == offset => {
-                        messages.push(message);
-                        None
-                    }
-                    Ok(message) => Some(format!(
-                        "the message at offset {offset} says offset {}",
-                        message.offset
-                    )),
-                    Err(e) => Some(format!(
-                        "the message at offset {offset} is unreadable ({e})"
-                    )),
-                }
-            };
-            if let Some(problem) = problem {
-                damage.get_or_insert(problem);
-                break;
+            if offset != expected {
+                damage.get_or_insert(format!("offsets {} to {expected} are missing", offset + 1));
             }
             expected = offset.saturating_sub(1);
+            match self.decode(value) {
+                Ok(message) if message.offset == offset => messages.push(message),
+                Ok(message) => {
+                    damage.get_or_insert(format!(
+                        "the message at offset {offset} says offset {}",
+                        message.offset
+                    ));
+                    unreadable.push(offset);
+                }
+                Err(e) => {
+                    damage.get_or_insert(format!(
+                        "the message at offset {offset} is unreadable ({e})"
+                    ));
+                    unreadable.push(offset);
+                }
+            }
         }
         messages.reverse();
-        let oldest_found = oldest_key.as_deref().map(key_offset);
-        let mut first_offset = match (&damage, messages.first()) {
-            (Some(_), Some(first)) => first.offset,
-            (Some(_), None) => last_offset + 1,
-            (None, _) => oldest_found.unwrap_or(last_offset + 1),
-        };
+        let first_offset = oldest_key.as_deref().map_or(last_offset + 1, key_offset);
         // Older history: as many entries as the offsets say (when short
         // enough to count).
         if damage.is_none() && messages.len() == tail {
@@ -350,7 +346,6 @@ impl SledStore {
                     damage = Some(format!(
                         "it holds {count} messages where offsets {first_offset} to {last_offset} need {expected_count}"
                     ));
-                    first_offset = messages.first().map_or(last_offset + 1, |m| m.offset);
                 }
             }
         }
@@ -372,7 +367,7 @@ impl SledStore {
             first_offset,
             tail: messages,
             keys: dedup,
-            stray_from: oldest_found.filter(|&o| o < first_offset),
+            unreadable,
             damage,
         })
     }

@@ -95,6 +95,7 @@ fn store_behind_the_hubs_back(dir: &std::path::Path, room: &str, datas: &[String
         WriteBatch {
             room: room.clone(),
             epoch,
+            generation: store.generation(),
             ops,
         },
         Box::new(move |result| {

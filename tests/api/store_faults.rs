@@ -146,14 +146,18 @@ async fn a_batched_crash_moves_the_rooms_it_wrote_to_a_new_epoch() {
     app.restart();
     let mut c = app.connect("user=alice").await;
     let resumed = c
-        .request(json!({"type": "join", "room": "busy", "since": {"epoch": seen.0, "offset": seen.1}}))
+        .request(
+            json!({"type": "join", "room": "busy", "since": {"epoch": seen.0, "offset": seen.1}}),
+        )
         .await;
     assert_eq!(resumed["recovered"], false, "{resumed}");
     assert_ne!(resumed["epoch"].as_u64().unwrap(), seen.0);
     let next = c.publish("busy", json!("after")).await;
     assert!(next > resumed["offset"].as_u64().unwrap());
     let calm_resumed = c
-        .request(json!({"type": "join", "room": "calm", "since": {"epoch": calm.0, "offset": calm.1}}))
+        .request(
+            json!({"type": "join", "room": "calm", "since": {"epoch": calm.0, "offset": calm.1}}),
+        )
         .await;
     assert_eq!(calm_resumed["recovered"], true, "{calm_resumed}");
     let log = app.log.lock().unwrap().clone();
@@ -183,7 +187,10 @@ impl Tmpfs {
             .arg(dir.path())
             .status();
         if !status.is_ok_and(|s| s.success()) {
-            eprintln!("skipped: could not mount a tmpfs at {}", dir.path().display());
+            eprintln!(
+                "skipped: could not mount a tmpfs at {}",
+                dir.path().display()
+            );
             return None;
         }
         Some(Tmpfs { dir })
@@ -414,7 +421,10 @@ async fn damaged_files_are_detected() {
     };
     let stderr = String::from_utf8_lossy(&output.stderr);
     if output.status.code() == Some(2) {
-        assert!(stderr.contains("does not hold a readable roomhub store"), "{stderr}");
+        assert!(
+            stderr.contains("does not hold a readable roomhub store"),
+            "{stderr}"
+        );
         assert!(!stderr.contains("earlier than 0.29"), "{stderr}");
         return;
     }
@@ -451,7 +461,10 @@ async fn a_data_dir_of_random_bytes_is_refused_with_exit_2() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("does not hold a readable roomhub store"), "{stderr}");
+    assert!(
+        stderr.contains("does not hold a readable roomhub store"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("earlier than 0.29"), "{stderr}");
 }
 

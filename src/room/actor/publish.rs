@@ -255,7 +255,7 @@ impl RoomActor {
     /// that never see a message leaves nothing on disk. An epoch that was
     /// never written covered no messages, so losing it in a restart costs a
     /// resuming client nothing. A damaged log moves to a new epoch at once
-    /// (written now), keeping only what could be trusted.
+    /// (written now), keeping what is readable.
     pub(super) fn loaded(
         &mut self,
         ctx: &mut Context<Self>,
@@ -268,19 +268,19 @@ impl RoomActor {
             Some(epoch) if !damaged => epoch,
             _ => new_epoch(),
         };
-        let (stray_from, first, last) = (
-            snapshot.stray_from,
-            snapshot.first_offset,
-            snapshot.last_offset,
-        );
+        let unreadable = snapshot.unreadable.clone();
+        let last = snapshot.last_offset;
         self.log = Some(LogState::from_snapshot(
             snapshot, epoch, window_ms, generation,
         ));
         if damaged {
-            let mut ops = Vec::new();
-            if let Some(from) = stray_from {
-                ops.push(WriteOp::Prune { from, to: first });
-            }
+            let mut ops: Vec<WriteOp> = unreadable
+                .into_iter()
+                .map(|offset| WriteOp::Prune {
+                    from: offset,
+                    to: offset + 1,
+                })
+                .collect();
             ops.push(WriteOp::SetHeader { last });
             self.write(ctx, ops, None);
         }
