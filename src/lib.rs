@@ -4,9 +4,12 @@
 //! Code map, in reading order:
 //! - [`protocol`]: PURE wire types, codec, names, error and close codes.
 //! - [`config`]: layered settings (docs/configuration.md), validated before anything starts.
-//! - [`storage`]: the history log trait, sled (group commit) and in-memory
-//!   implementations, store-format migrations.
-//! - [`room`]: one actor per room, the only writer of its log; the registry.
+//! - [`storage`]: the history log trait, sled (group commit in bounded
+//!   batches, recovery from write failures, checks as logs load) and
+//!   in-memory implementations, the store's runs (which rooms move to a new
+//!   epoch after a crash or damage), store-format migrations.
+//! - [`room`]: one actor per room, the only writer of its log (split by
+//!   concern under `room/actor/`); the registry.
 //! - [`cluster`]: cluster mode over NATS: a JetStream stream per room is the
 //!   room's log (offsets, epoch, dedup); presence, typing, directs on core NATS.
 //! - [`outbound`]: the one non-blocking way frames reach sessions.
