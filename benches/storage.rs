@@ -2,7 +2,10 @@
 //! sled store makes durable, with `sync` (group commit, one fsync shared by
 //! every waiting batch) and `batched` (ack on write). Each iteration submits
 //! a window of batches at once, as concurrent publishers would, and waits for
-//! every `done`.
+//! every `done`. `storage_prune`: the same with 100 rooms at their retention
+//! limit, so every append also prunes the room's oldest message (the steady
+//! state of a busy hub; `benches/storage_soak.rs` watches its memory and
+//! disk over minutes).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use roomhub::config::Durability;
@@ -49,6 +52,7 @@ fn append(c: &mut Criterion) {
                             WriteBatch {
                                 room: room.clone(),
                                 epoch: 1,
+                                generation: store.generation(),
                                 ops: vec![WriteOp::Append { message, key: None }],
                             },
                             Box::new(move |r| tx.send(r).unwrap()),
@@ -65,5 +69,69 @@ fn append(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, append);
+/// Appends to 100 rooms at their limit of 100 messages: each append prunes.
+fn prune(c: &mut Criterion) {
+    const ROOMS: usize = 100;
+    const KEEP: u64 = 100;
+    const WINDOW: usize = 1600; // 16 in flight per room
+    let rooms: Vec<RoomName> = (0..ROOMS)
+        .map(|i| RoomName::parse(&format!("bench-{i}")).unwrap())
+        .collect();
+    let user = UserId::parse("u").unwrap();
+    let data = RawValue::from_string(format!("\"{}\"", "x".repeat(100))).unwrap();
+    let mut group = c.benchmark_group("storage_prune");
+    group.throughput(Throughput::Elements(WINDOW as u64));
+    for durability in [Durability::Sync, Durability::Batched] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), durability, Duration::ZERO).unwrap();
+        let mut last = vec![0u64; ROOMS];
+        let id = BenchmarkId::new(
+            format!("{durability:?}").to_lowercase(),
+            "100_rooms_at_limit",
+        );
+        group.bench_function(id, |b| {
+            b.iter(|| {
+                let (tx, rx) = mpsc::channel();
+                for i in (0..ROOMS).cycle().take(WINDOW) {
+                    last[i] += 1;
+                    let offset = last[i];
+                    let message = Message {
+                        kind: MessageTag,
+                        room: &rooms[i],
+                        offset,
+                        id: "id",
+                        user: &user,
+                        data: &data,
+                        ts: 0,
+                    }
+                    .encode();
+                    let mut ops = vec![WriteOp::Append { message, key: None }];
+                    if offset > KEEP {
+                        ops.push(WriteOp::Prune {
+                            from: offset - KEEP,
+                            to: offset - KEEP + 1,
+                        });
+                    }
+                    let tx = tx.clone();
+                    store.write(
+                        WriteBatch {
+                            room: rooms[i].clone(),
+                            epoch: 1,
+                            generation: store.generation(),
+                            ops,
+                        },
+                        Box::new(move |r| tx.send(r).unwrap()),
+                    );
+                }
+                for _ in 0..WINDOW {
+                    rx.recv().unwrap().unwrap();
+                }
+            })
+        });
+        store.close().unwrap();
+    }
+    group.finish();
+}
+
+criterion_group!(benches, append, prune);
 criterion_main!(benches);

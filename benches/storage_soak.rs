@@ -99,6 +99,20 @@ fn main() {
     let mut next_report = opts.every;
     let mut written = 0u64;
     println!("secs,messages,retained,rss_mb,disk_mb");
+    // What one retained message costs in keys and values (the same for all).
+    let message_bytes = 2 + 16 + 8 + 1 + {
+        let probe = Message {
+            kind: MessageTag,
+            room: &rooms[0],
+            offset: 1_000_000,
+            id: "0123456789abcdef0123456789abcdef",
+            user: &user,
+            data: &data,
+            ts: 1,
+        }
+        .encode();
+        probe.as_str().len()
+    } as u64;
     while started.elapsed() < Duration::from_secs(opts.seconds) {
         // `window` messages per room per round, all in flight at once, like
         // one publisher per room; each append prunes like a room at its limit.
@@ -134,6 +148,7 @@ fn main() {
                 WriteBatch {
                     room: room.clone(),
                     epoch: 1,
+                    generation: store.generation(),
                     ops,
                 },
                 Box::new(move |r| {
@@ -159,8 +174,9 @@ fn main() {
     store.flush().expect("flush");
     let secs = started.elapsed().as_secs_f64();
     let retained: u64 = last.iter().map(|&l| l.min(opts.keep)).sum();
+    let retained_mb = (retained * message_bytes) as f64 / (1024.0 * 1024.0);
     println!(
-        "summary: {written} messages in {secs:.1} s ({:.0}/s), {retained} retained, RSS {:.0} MB, data dir {:.0} MB",
+        "summary: {written} messages in {secs:.1} s ({:.0}/s), {retained} retained ({retained_mb:.1} MB of keys and values), RSS {:.0} MB, data dir {:.0} MB",
         written as f64 / secs,
         rss_mb(),
         dir_mb(dir.path())
