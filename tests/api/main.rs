@@ -6,6 +6,7 @@ mod codec_props;
 mod config;
 mod helpers;
 mod history;
+mod hostile_transport;
 mod http_api;
 mod load_tool;
 mod nats;
