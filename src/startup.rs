@@ -10,7 +10,7 @@ use crate::state::AppState;
 use crate::storage::{HistoryStore, SledStore};
 use actix_http::{HttpService, KeepAlive};
 use actix_service::{fn_service, map_config, IntoServiceFactory as _, ServiceFactoryExt as _};
-use actix_web::{dev::AppConfig, dev::Server, web, App};
+use actix_web::{dev::AppConfig, dev::Server, middleware::from_fn, web, App};
 use anyhow::Context as _;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -129,6 +129,7 @@ fn serve(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Se
             let signal = shutdown_signal.clone();
             let app = App::new()
                 .app_data(app_state)
+                .wrap(from_fn(crate::expectation::refuse_unmet))
                 .configure(http::routes)
                 .into_factory()
                 .map_err(|err| err.error_response());

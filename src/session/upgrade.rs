@@ -1,5 +1,5 @@
 //! `GET /ws`: every check that can refuse a connection runs before the
-//! upgrade (HTTP/1.0 or a request body 400, draining 503, origin 403,
+//! upgrade (an unmet `Expect` 417, HTTP/1.0 or a request body 400, draining 503, origin 403,
 //! per-IP 429, token 401, bad query 400),
 //! so nothing is upgraded that would be closed at once.
 //!
@@ -198,6 +198,8 @@ pub async fn serve_upgrade(
         ApiError::NotFound.error_response().into()
     } else if head.method != Method::GET {
         ws::HandshakeError::GetMethodRequired.into()
+    } else if crate::expectation::unmet(head) {
+        crate::expectation::refusal().into()
     } else if let Err(refusal) = well_formed(head, &state) {
         refusal.response().into()
     } else {

@@ -301,6 +301,23 @@ async fn only_a_bodiless_http_1_1_request_is_upgraded() {
 }
 
 #[tokio::test]
+async fn an_expectation_other_than_100_continue_is_refused_with_417() {
+    let app = TestApp::spawn().await;
+    let post = format!(
+        "POST /api/rooms/expect/messages HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: 10\r\nExpect: bogus\r\n\r\n",
+        app.addr
+    );
+    let head = raw_response(&app, &post).await;
+    assert!(head.starts_with("HTTP/1.1 417"), "{head}");
+    let upgrade =
+        upgrade_request(&app, "/ws?user=e").replacen("\r\n\r\n", "\r\nExpect: bogus\r\n\r\n", 1);
+    let head = raw_response(&app, &upgrade).await;
+    assert!(head.starts_with("HTTP/1.1 417"), "{head}");
+}
+
+/// actix-http answers `100 Continue` itself (this held on main already).
+#[tokio::test]
 async fn a_post_with_expect_100_continue_gets_100_then_its_answer() {
     let app = TestApp::spawn().await;
     let body = r#"{"data":{"text":"after 100"}}"#;
