@@ -63,9 +63,13 @@ impl Violation {
     }
 }
 
-/// A message arriving in fragments, kept until its last one.
+/// Where the reader is between frames: a message arriving in fragments is
+/// kept until its last one. (One enum with `Failed`, so the reader is no
+/// bigger than the codec and fragment buffer it replaced.)
 enum Fragmented {
     None,
+    /// A violation was found: nothing is read any more.
+    Failed,
     /// `checked`: how many leading bytes are known to be whole UTF-8
     /// characters (a character may be split between fragments).
     Text {
@@ -84,8 +88,6 @@ pub struct FrameReader {
     inbound: BytesMut,
     fragmented: Fragmented,
     max_bytes: usize,
-    /// Set by the first violation; nothing is read after it.
-    failed: bool,
 }
 
 impl FrameReader {
@@ -96,14 +98,13 @@ impl FrameReader {
             inbound: BytesMut::from(leftover),
             fragmented: Fragmented::None,
             max_bytes,
-            failed: false,
         }
     }
 
     /// Takes bytes read from the connection. Call [`Self::next_inbound`] until it
     /// yields nothing before feeding more: that is what bounds the buffer.
     pub fn feed(&mut self, bytes: &[u8]) {
-        if !self.failed {
+        if !matches!(self.fragmented, Fragmented::Failed) {
             self.inbound.extend_from_slice(bytes);
         }
     }
@@ -112,7 +113,7 @@ impl FrameReader {
     pub fn held_bytes(&self) -> usize {
         let fragments = match &self.fragmented {
             Fragmented::Text { bytes, .. } => bytes.capacity(),
-            Fragmented::None | Fragmented::Binary { .. } => 0,
+            Fragmented::None | Fragmented::Failed | Fragmented::Binary { .. } => 0,
         };
         self.inbound.capacity() + fragments
     }
@@ -126,14 +127,13 @@ impl FrameReader {
     /// until one is complete. After an `Err` the connection is to be failed
     /// with its close code; the reader then holds nothing and yields nothing.
     pub fn next_inbound(&mut self) -> Result<Option<Inbound>, Violation> {
-        if self.failed {
+        if matches!(self.fragmented, Fragmented::Failed) {
             return Ok(None);
         }
         let next = self.decode();
         if next.is_err() {
-            self.failed = true;
             self.inbound = BytesMut::new();
-            self.fragmented = Fragmented::None;
+            self.fragmented = Fragmented::Failed;
         } else if self.inbound.is_empty() {
             // Decoded frames share the buffer's memory; let it go with them,
             // so an idle connection holds no buffer.
@@ -190,7 +190,10 @@ impl FrameReader {
         opcode: OpCode,
         payload: Bytes,
     ) -> Result<Option<Inbound>, Violation> {
-        let open = !matches!(self.fragmented, Fragmented::None);
+        let open = matches!(
+            self.fragmented,
+            Fragmented::Text { .. } | Fragmented::Binary { .. }
+        );
         match opcode {
             OpCode::Text | OpCode::Binary if open => Err(Violation::Protocol(
                 "a new message inside a fragmented message",
@@ -233,7 +236,7 @@ impl FrameReader {
                 *checked = utf8_checked(bytes, *checked)?;
             }
             Fragmented::Binary { len } => *len += payload.len(),
-            Fragmented::None => {}
+            Fragmented::None | Fragmented::Failed => {}
         }
         if !fin {
             return Ok(None);
@@ -249,7 +252,7 @@ impl FrameReader {
             // It ends inside a character.
             Fragmented::Text { .. } => Err(Violation::InvalidUtf8),
             Fragmented::Binary { .. } => Ok(Some(Inbound::Binary)),
-            Fragmented::None => Ok(None),
+            Fragmented::None | Fragmented::Failed => Ok(None),
         }
     }
 }
@@ -489,6 +492,13 @@ mod tests {
         }
         let wire = frame(0x88, b"\x03\xe8\xff");
         assert_eq!(read_all(1024, &wire).1, Some(Violation::InvalidUtf8));
+    }
+
+    #[test]
+    fn the_reader_is_no_bigger_than_the_codec_and_fragment_buffer_it_replaced() {
+        // actix-http's `ws::Codec` (16 bytes), a `BytesMut` (32) and the
+        // session's `Option`-like fragment buffer (24): idle memory stays.
+        assert!(std::mem::size_of::<FrameReader>() <= 72);
     }
 
     #[test]
