@@ -1,7 +1,7 @@
 //! `GET /ws`: every check that can refuse a connection runs before the
-//! upgrade (an unmet `Expect` 417, HTTP/1.0 or a request body 400, draining 503, origin 403,
-//! per-IP 429, token 401, bad query 400),
-//! so nothing is upgraded that would be closed at once.
+//! upgrade (an unmet `Expect` 417, HTTP/1.0 or a request body 400, draining
+//! 503, origin 403, per-IP 429, token 401, bad query 400), so nothing is
+//! upgraded that would be closed at once.
 //!
 //! WebSocket upgrade requests never reach the route table: the HTTP/1 layer
 //! hands them, with the TCP socket, to [`serve_upgrade`] (see `startup`),
