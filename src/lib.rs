@@ -17,6 +17,7 @@
 //! - [`session`]: the WebSocket session; owns its TCP socket after the upgrade
 //!   (the only code that touches a WebSocket connection).
 //! - [`http`]: the route table: `/ws`, health, metrics, the HTTP API, the web client.
+//! - [`expectation`]: the `Expect` header: 417 for what actix-http does not meet.
 //! - [`metrics`], [`telemetry`]: Prometheus counters, tracing setup.
 //! - [`shutdown`], [`startup`]: the drain, and wiring the app together.
 //! - [`load`]: `roomhub load`, a WebSocket load generator (a client of the hub, not part of it).
@@ -28,6 +29,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod directory;
+pub mod expectation;
 pub mod http;
 pub mod limits;
 pub mod load;

@@ -10,7 +10,7 @@ use crate::state::AppState;
 use crate::storage::{HistoryStore, SledStore};
 use actix_http::{HttpService, KeepAlive};
 use actix_service::{fn_service, map_config, IntoServiceFactory as _, ServiceFactoryExt as _};
-use actix_web::{dev::AppConfig, dev::Server, web, App};
+use actix_web::{dev::AppConfig, dev::Server, middleware::from_fn, web, App};
 use anyhow::Context as _;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -137,9 +137,9 @@ fn serve(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Se
                 // The request head has a timeout (below); bodies get theirs
                 // in the handlers that read them, and one left unread
                 // closes its connection rather than being drained forever.
-                .wrap(actix_web::middleware::from_fn(
-                    http::close_after_unread_body,
-                ))
+                .wrap(from_fn(http::close_after_unread_body))
+                // An expectation other than 100-continue is refused first (417).
+                .wrap(from_fn(crate::expectation::refuse_unmet))
                 .configure(http::routes)
                 .into_factory()
                 .map_err(|err| err.error_response());

@@ -66,6 +66,10 @@ pub enum CloseCode {
     Normal,
     /// 1001: the node drains; reconnect elsewhere and resume with `since`.
     Draining,
+    /// 1002: the client broke the WebSocket framing rules (RFC 6455).
+    ProtocolError,
+    /// 1007: text (or a close reason) that is not UTF-8.
+    InvalidData,
     /// 1008: repeated abuse, or the token expired.
     Policy,
     /// 1009: a frame over `limits.max_frame_bytes`.
@@ -81,6 +85,8 @@ impl CloseCode {
         match self {
             CloseCode::Normal => 1000,
             CloseCode::Draining => 1001,
+            CloseCode::ProtocolError => 1002,
+            CloseCode::InvalidData => 1007,
             CloseCode::Policy => 1008,
             CloseCode::FrameTooBig => 1009,
             CloseCode::Internal => 1011,
@@ -93,6 +99,8 @@ impl CloseCode {
         match self {
             CloseCode::Normal => "normal",
             CloseCode::Draining => "node draining",
+            CloseCode::ProtocolError => "protocol error",
+            CloseCode::InvalidData => "invalid UTF-8",
             CloseCode::Policy => "policy violation",
             CloseCode::FrameTooBig => "frame too big",
             CloseCode::Internal => "internal error",

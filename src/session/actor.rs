@@ -8,6 +8,7 @@
 //! the actor, so everything the session writes while handling a batch of
 //! client frames leaves in one socket write.
 
+use super::frames::{Inbound, Violation};
 use super::socket::WsSocket;
 use super::upgrade::Admission;
 use crate::auth::Identity;
@@ -22,7 +23,7 @@ use crate::room::{
 };
 use crate::state::{AppState, SocketGuard};
 use actix::prelude::*;
-use actix_http::ws::{self, Frame, Item, OpCode};
+use actix_http::ws::{self, OpCode};
 use bytestring::ByteString;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
@@ -38,13 +39,6 @@ const JOIN_ATTEMPTS: usize = 3;
 /// Client frames handled per wake-up before the session lets its mailbox
 /// (e.g. a drain) and other tasks run, as actix's `StreamHandler` does.
 const FRAMES_PER_POLL: usize = 64;
-
-/// A text message arriving in fragments, kept until its last fragment.
-enum Fragments {
-    None,
-    Text(Vec<u8>),
-    Binary,
-}
 
 pub struct WsSession {
     id: SessionId,
@@ -78,7 +72,6 @@ pub struct WsSession {
     /// The room of `?room=`, joined right after `welcome`.
     auto_join: Option<RoomName>,
     last_heard: Instant,
-    fragments: Fragments,
     close_reason: &'static str,
 }
 
@@ -118,13 +111,8 @@ impl WsSession {
             rooms: HashMap::new(),
             auto_join,
             last_heard: Instant::now(),
-            fragments: Fragments::None,
             close_reason: "connection dropped",
         }
-    }
-
-    pub fn max_frame_bytes(&self) -> usize {
-        self.state.settings.limits.max_frame_bytes
     }
 
     /// How rooms and the directory reach this session: frames straight
@@ -223,11 +211,11 @@ impl WsSession {
                 match socket.next_frame() {
                     Ok(Some(frame)) => {
                         handled += 1;
-                        self.on_frame(Ok(frame), ctx);
+                        self.on_frame(frame, ctx);
                     }
                     Ok(None) => break,
-                    Err(e) => {
-                        self.on_frame(Err(e), ctx);
+                    Err(violation) => {
+                        self.violation(violation, ctx);
                         return true;
                     }
                 }
@@ -777,27 +765,19 @@ impl WsSession {
 }
 
 impl WsSession {
-    fn on_frame(&mut self, frame: Result<Frame, ws::ProtocolError>, ctx: &mut Context<Self>) {
+    fn on_frame(&mut self, frame: Inbound, ctx: &mut Context<Self>) {
         self.last_heard = Instant::now();
-        let frame = match frame {
-            Ok(frame) => frame,
-            Err(ws::ProtocolError::Overflow) => return self.close(ctx, CloseCode::FrameTooBig),
-            Err(e) => return self.protocol_error(&e, ctx),
-        };
         match frame {
-            Frame::Text(bytes) => match std::str::from_utf8(&bytes) {
-                Ok(text) => self.on_text(text, ctx),
-                Err(e) => self.protocol_error(&e, ctx),
-            },
-            Frame::Binary(_) => self.send_error(
+            Inbound::Text(text) => self.on_text(&text, ctx),
+            Inbound::Binary => self.send_error(
                 ctx,
                 None,
                 ErrorCode::BadRequest,
                 "binary frames are not accepted; send JSON text",
             ),
-            Frame::Ping(payload) => self.write_control(ctx, OpCode::Pong, &payload),
-            Frame::Pong(_) => {}
-            Frame::Close(_) => {
+            Inbound::Ping(payload) => self.write_control(ctx, OpCode::Pong, &payload),
+            Inbound::Pong => {}
+            Inbound::Close(_) => {
                 self.close_reason = "closed by client";
                 self.closing = true;
                 if let Some(socket) = self.socket.as_mut() {
@@ -805,54 +785,13 @@ impl WsSession {
                 }
                 ctx.stop();
             }
-            Frame::Continuation(item) => self.on_fragment(item, ctx),
         }
     }
 
-    fn protocol_error(&mut self, e: &dyn std::fmt::Display, ctx: &mut Context<Self>) {
-        tracing::debug!(session = %self.id, error = %e, "websocket protocol error");
-        self.close_reason = "protocol error";
-        self.closing = true;
-        ctx.stop();
-    }
-}
-
-impl WsSession {
-    /// Reassembles fragmented messages, within the same size limit as frames.
-    fn on_fragment(&mut self, item: Item, ctx: &mut Context<Self>) {
-        let limit = self.max_frame_bytes();
-        let last = matches!(item, Item::Last(_));
-        match item {
-            Item::FirstText(bytes) => self.fragments = Fragments::Text(bytes.to_vec()),
-            Item::FirstBinary(_) => self.fragments = Fragments::Binary,
-            Item::Continue(bytes) | Item::Last(bytes) => {
-                if let Fragments::Text(buffer) = &mut self.fragments {
-                    buffer.extend_from_slice(&bytes);
-                    if buffer.len() > limit {
-                        return self.close(ctx, CloseCode::FrameTooBig);
-                    }
-                }
-            }
-        }
-        if last {
-            match std::mem::replace(&mut self.fragments, Fragments::None) {
-                Fragments::Text(buffer) => match String::from_utf8(buffer) {
-                    Ok(text) => self.on_text(&text, ctx),
-                    Err(_) => self.send_error(
-                        ctx,
-                        None,
-                        ErrorCode::InvalidJson,
-                        "frames must be UTF-8 JSON",
-                    ),
-                },
-                Fragments::Binary => self.send_error(
-                    ctx,
-                    None,
-                    ErrorCode::BadRequest,
-                    "binary frames are not accepted; send JSON text",
-                ),
-                Fragments::None => {}
-            }
-        }
+    /// Fails the connection as RFC 6455 asks: a close frame with the
+    /// violation's code (1002, 1007 or 1009), then the close.
+    fn violation(&mut self, violation: Violation, ctx: &mut Context<Self>) {
+        tracing::debug!(session = %self.id, error = %violation, "websocket protocol violation");
+        self.close(ctx, violation.close_code());
     }
 }

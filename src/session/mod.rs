@@ -4,10 +4,13 @@
 //! decodes client frames and turns them into room messages, and writes what
 //! rooms and the directory hand it. After the handshake the session owns the
 //! TCP socket itself (`socket`): no HTTP dispatcher or response body stays
-//! in between, and framing is actix-http's `ws` codec. Nothing outside this
-//! module knows how the socket is driven.
+//! in between. `frames` decodes and checks client frames (RFC 6455, memory
+//! bounded by the frame limit) without touching a socket, so the fuzz
+//! target drives the very code a session runs. Nothing outside this module
+//! knows how the socket is driven.
 
 mod actor;
+pub mod frames;
 mod ledger;
 mod outbox;
 mod socket;

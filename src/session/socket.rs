@@ -1,16 +1,14 @@
 //! The WebSocket connection a session owns once the handshake is done: the
-//! TCP socket, the bytes read but not yet decoded, and the [`Outbox`] that
-//! rooms write into too. No HTTP layer stays in between.
+//! TCP socket, the [`FrameReader`] that decodes what it reads, and the
+//! [`Outbox`] that rooms write into too. No HTTP layer stays in between.
 //!
-//! Framing is actix-http's (`ws::Codec` decodes and enforces the frame size
-//! limit, `ws::Parser` encodes). Inbound bytes are read through one buffer
-//! per worker thread and only what is left of a partial frame is kept, so
-//! an idle connection holds no read buffer. Outbound buffering is the
-//! [`Outbox`]'s.
+//! Inbound bytes are read through one buffer per worker thread and only
+//! what is left of a partial frame is kept (see `super::frames`), so an idle
+//! connection holds no read buffer. Outbound buffering is the [`Outbox`]'s.
 
+use super::frames::{FrameReader, Inbound, Violation};
 use super::outbox::Outbox;
-use actix_codec::Decoder as _;
-use actix_http::ws::{CloseReason, Codec, Frame, OpCode, ProtocolError};
+use actix_http::ws::{CloseReason, OpCode};
 use bytes::{Buf, BytesMut};
 use std::cell::RefCell;
 use std::io;
@@ -39,8 +37,7 @@ pub struct Stalled;
 
 pub struct WsSocket {
     io: Arc<TcpStream>,
-    codec: Codec,
-    inbound: BytesMut,
+    reader: FrameReader,
     outbox: Arc<Outbox>,
 }
 
@@ -57,8 +54,7 @@ impl WsSocket {
         Self {
             outbox: Arc::new(Outbox::new(io.clone(), outbound_queue)),
             io,
-            codec: Codec::new().max_size(max_frame_bytes),
-            inbound: BytesMut::from(leftover),
+            reader: FrameReader::new(max_frame_bytes, leftover),
         }
     }
 
@@ -67,18 +63,16 @@ impl WsSocket {
         self.outbox.clone()
     }
 
-    /// The next complete frame among the bytes read so far.
-    pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
-        let frame = self.codec.decode(&mut self.inbound);
-        if self.inbound.is_empty() {
-            // Decoded frames share the buffer's memory; let it go with them.
-            self.inbound = BytesMut::new();
-        }
-        frame
+    /// The next whole message or control frame among the bytes read so
+    /// far; `Err`: the connection is to be failed with the violation's code.
+    pub fn next_frame(&mut self) -> Result<Option<Inbound>, Violation> {
+        self.reader.next_inbound()
     }
 
     /// Reads what the socket has (at most [`READ_CHUNK`] bytes) into the
-    /// inbound buffer; `Ok(0)` is the end of the stream.
+    /// frame reader; `Ok(0)` is the end of the stream. Call only once
+    /// [`Self::next_frame`] yields nothing: the reader refuses an oversized
+    /// frame on its header, so what it holds stays within the limit.
     pub fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.io.poll_read_ready(cx))?;
@@ -86,7 +80,7 @@ impl WsSocket {
                 let mut scratch = scratch.borrow_mut();
                 let read = self.io.try_read(&mut scratch);
                 if let Ok(n) = read {
-                    self.inbound.extend_from_slice(&scratch[..n]);
+                    self.reader.feed(&scratch[..n]);
                 }
                 read
             });
@@ -280,11 +274,11 @@ mod tests {
         leftover.extend(&masked_text("late")[..3]); // and part of the next frame
         let mut socket = WsSocket::new(server, &leftover, 1024, 8);
         match socket.next_frame().unwrap() {
-            Some(Frame::Text(text)) => assert_eq!(&text[..], b"early"),
+            Some(Inbound::Text(text)) => assert_eq!(text, "early"),
             other => panic!("{other:?}"),
         }
         assert!(socket.next_frame().unwrap().is_none(), "incomplete");
-        assert_eq!(socket.inbound.len(), 3);
+        assert_eq!(socket.reader.pending_bytes(), 3);
     }
 
     #[tokio::test]
@@ -298,7 +292,7 @@ mod tests {
             Taken::Full,
             "rooms are refused too"
         );
-        assert!(matches!(socket.next_frame(), Err(ProtocolError::Overflow)));
+        assert_eq!(socket.next_frame(), Err(Violation::TooBig(50)));
         socket.end();
         assert_eq!(socket.outbox.take(&WireFrames::text("e")), Taken::Closed);
     }

@@ -1,6 +1,7 @@
 //! `GET /ws`: every check that can refuse a connection runs before the
-//! upgrade (draining 503, origin 403, per-IP 429, token 401, bad query 400),
-//! so nothing is upgraded that would be closed at once.
+//! upgrade (an unmet `Expect` 417, HTTP/1.0 or a request body 400, draining
+//! 503, origin 403, per-IP 429, token 401, bad query 400), so nothing is
+//! upgraded that would be closed at once.
 //!
 //! WebSocket upgrade requests never reach the route table: the HTTP/1 layer
 //! hands them, with the TCP socket, to [`serve_upgrade`] (see `startup`),
@@ -19,7 +20,7 @@ use crate::state::AppState;
 use actix::Actor as _;
 use actix_codec::Framed;
 use actix_http::body::{BodySize, BoxBody, MessageBody};
-use actix_http::{h1, ws, ConnectionType, Method, Request, RequestHead, Response};
+use actix_http::{h1, ws, ConnectionType, Method, Request, RequestHead, Response, Version};
 use actix_web::{http::header, http::StatusCode, web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::SinkExt;
 use serde::Deserialize;
@@ -197,6 +198,10 @@ pub async fn serve_upgrade(
         ApiError::NotFound.error_response().into()
     } else if head.method != Method::GET {
         ws::HandshakeError::GetMethodRequired.into()
+    } else if crate::expectation::unmet(head) {
+        crate::expectation::refusal().into()
+    } else if let Err(refusal) = well_formed(head, &state) {
+        refusal.response().into()
     } else {
         match admit(head, &state) {
             Err(refusal) => refusal.response().into(),
@@ -216,6 +221,33 @@ pub async fn serve_upgrade(
         }
     };
     respond_and_close(framed, refusal).await;
+}
+
+/// What RFC 6455 §4.1 asks of the upgrade request beyond what actix-http's
+/// handshake checks: HTTP/1.1 or later, and no body, since whatever follows
+/// the request on the connection is read as WebSocket frames.
+fn well_formed(head: &RequestHead, state: &AppState) -> Result<(), Refusal> {
+    if head.version < Version::HTTP_11 {
+        return Err(refuse(
+            state,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "a WebSocket upgrade needs HTTP/1.1",
+        ));
+    }
+    let headers = head.headers();
+    let sized_body = headers
+        .get(header::CONTENT_LENGTH)
+        .is_some_and(|length| length.as_bytes() != b"0");
+    if sized_body || headers.contains_key(header::TRANSFER_ENCODING) {
+        return Err(refuse(
+            state,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "a WebSocket upgrade request has no body",
+        ));
+    }
+    Ok(())
 }
 
 fn start_session(state: Arc<AppState>, admission: Admission, io: TcpStream, leftover: &[u8]) {

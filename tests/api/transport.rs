@@ -13,7 +13,7 @@ use tokio_tungstenite::WebSocketStream;
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
-fn upgrade_request(app: &TestApp, path: &str) -> String {
+pub fn upgrade_request(app: &TestApp, path: &str) -> String {
     format!(
         "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -33,7 +33,7 @@ fn masked_text(text: &str) -> Vec<u8> {
 }
 
 /// Reads the response head byte by byte, so no frame after it is consumed.
-async fn read_head(tcp: &mut TcpStream) -> String {
+pub async fn read_head(tcp: &mut TcpStream) -> String {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
