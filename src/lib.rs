@@ -19,6 +19,8 @@
 //! - [`http`]: the route table: `/ws`, health, metrics, the HTTP API, the web client.
 //! - [`expectation`]: the `Expect` header: 417 for what actix-http does not meet.
 //! - [`metrics`], [`telemetry`]: Prometheus counters, tracing setup.
+//! - [`heap`]: gives freed heap back to the OS after a burst of rooms or
+//!   connections (glibc keeps it otherwise).
 //! - [`shutdown`], [`startup`]: the drain, and wiring the app together.
 //! - [`load`]: `roomhub load`, a WebSocket load generator (a client of the hub, not part of it).
 //!
@@ -30,6 +32,7 @@ pub mod cluster;
 pub mod config;
 pub mod directory;
 pub mod expectation;
+pub mod heap;
 pub mod http;
 pub mod limits;
 pub mod load;

@@ -87,12 +87,20 @@ impl Application {
         let server = actix_web::rt::spawn(self.server);
         // Forget idle per-IP handshake buckets so many distinct addresses
         // cannot grow memory without bound.
+        // And give the heap back to the OS once a burst of rooms or
+        // connections is gone (`crate::heap`).
         let state = self.state.clone();
         let sweeper = actix_web::rt::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(10));
+            let mut trimmer = crate::heap::Trimmer::default();
             loop {
                 every.tick().await;
                 state.ip_limits.sweep();
+                let peak = state.registry.take_peak() + state.take_peak_sockets();
+                let live = state.registry.count() + state.open_sockets();
+                if trimmer.observe(peak, live) {
+                    let _ = tokio::task::spawn_blocking(crate::heap::trim).await;
+                }
             }
         });
         shutdown.await;

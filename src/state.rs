@@ -26,6 +26,9 @@ pub struct AppState {
     pub started: Instant,
     draining: AtomicBool,
     open_sockets: Arc<AtomicUsize>,
+    /// The most upgraded connections open at once since the last look (for
+    /// `crate::heap`).
+    peak_sockets: AtomicUsize,
 }
 
 /// Counts one upgraded socket until its last bytes are sent and it is
@@ -65,6 +68,7 @@ impl AppState {
             started: Instant::now(),
             draining: AtomicBool::new(false),
             open_sockets: Arc::default(),
+            peak_sockets: AtomicUsize::new(0),
         }
     }
 
@@ -116,12 +120,19 @@ impl AppState {
     }
 
     pub fn socket_opened(&self) -> SocketGuard {
-        self.open_sockets.fetch_add(1, Ordering::SeqCst);
+        let open = self.open_sockets.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak_sockets.fetch_max(open, Ordering::Relaxed);
         SocketGuard(self.open_sockets.clone())
     }
 
     /// Upgraded connections not yet closed.
     pub fn open_sockets(&self) -> usize {
         self.open_sockets.load(Ordering::SeqCst)
+    }
+
+    /// The most connections open at once since the last call.
+    pub fn take_peak_sockets(&self) -> usize {
+        self.peak_sockets
+            .swap(self.open_sockets(), Ordering::Relaxed)
     }
 }

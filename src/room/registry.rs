@@ -52,6 +52,8 @@ pub struct RoomRegistry {
     rooms: Arc<Mutex<HashMap<RoomName, Entry>>>,
     context: Arc<RoomContext>,
     generations: Arc<AtomicU64>,
+    /// The most rooms running at once since [`RoomRegistry::take_peak`].
+    peak: Arc<AtomicUsize>,
 }
 
 impl RoomRegistry {
@@ -60,7 +62,13 @@ impl RoomRegistry {
             rooms: Arc::default(),
             context: Arc::new(context),
             generations: Arc::default(),
+            peak: Arc::default(),
         }
+    }
+
+    /// The most rooms that ran at once since the last call.
+    pub fn take_peak(&self) -> usize {
+        self.peak.swap(self.count(), Ordering::Relaxed)
     }
 
     /// The room's actor, started here if the room is not running.
@@ -85,6 +93,7 @@ impl RoomRegistry {
         if replaced.is_none() {
             self.context.metrics.rooms.inc();
         }
+        self.peak.fetch_max(rooms.len(), Ordering::Relaxed);
         addr
     }
 

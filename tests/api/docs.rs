@@ -106,6 +106,8 @@ fn every_error_and_close_code_is_documented() {
     for close in [
         CloseCode::Normal,
         CloseCode::Draining,
+        CloseCode::ProtocolError,
+        CloseCode::InvalidData,
         CloseCode::Policy,
         CloseCode::FrameTooBig,
         CloseCode::Internal,

@@ -15,6 +15,7 @@ mod persistence;
 mod poison;
 mod protection;
 mod protocol;
+mod room_flood;
 mod rooms;
 mod store;
 mod store_faults;
