@@ -46,6 +46,7 @@ def main():
         ax.set_xlabel("seconds of publishing")
         ax.set_ylabel(what)
         ax.set_yscale("log")
+        ax.set_ylim(bottom=5)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="upper left", fontsize=8)
     fig.suptitle(
