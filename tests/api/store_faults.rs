@@ -510,3 +510,61 @@ async fn a_room_log_with_missing_messages_moves_to_a_new_epoch() {
         "{log}"
     );
 }
+
+/// With `batched` durability a failed flush may have taken acked messages
+/// with it, so once the disk has room again the rooms that were being
+/// written move to a new epoch: members are told to join again, and a
+/// client resuming from what it saw gets `recovered: false`.
+#[tokio::test]
+async fn a_full_disk_in_batched_mode_ends_in_a_new_epoch() {
+    let Some(tmpfs) = Tmpfs::mount(24) else {
+        return;
+    };
+    let data_dir = tmpfs.path().join("data");
+    let data_dir = data_dir.to_str().unwrap().to_owned();
+    let app = TestApp::spawn_with(&[
+        ("ROOMHUB_STORAGE__DATA_DIR", data_dir.as_str()),
+        ("ROOMHUB_STORAGE__DURABILITY", "batched"),
+        ("ROOMHUB_LIMITS__PUBLISH_PER_SEC", "100000"),
+        ("ROOMHUB_LIMITS__PUBLISH_BURST", "100000"),
+    ])
+    .await;
+    let mut alice = app.connect("user=alice").await;
+    let epoch = alice.join("lossy").await["epoch"].as_u64().unwrap();
+    for i in 1..=5 {
+        alice.publish("lossy", json!(i)).await;
+    }
+    let filler = tmpfs.fill();
+    let mut seen = 5;
+    for i in 0..2000 {
+        let reply = alice
+            .request(json!({"type": "publish", "room": "lossy", "data": "x".repeat(2000), "ref": format!("p{i}")}))
+            .await;
+        match reply["type"].as_str() {
+            Some("ack") => seen = reply["offset"].as_u64().unwrap(),
+            Some("error") => {
+                assert_eq!(reply["code"], "unavailable", "{reply}");
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(eventually(|| async { ready_status(&app).await == 503 }).await);
+    std::fs::remove_file(&filler).unwrap();
+    assert!(
+        eventually(|| async { ready_status(&app).await == 200 }).await,
+        "the hub recovers by itself"
+    );
+    // The member is told the room restarted, and joins again.
+    let notice = alice.next_of("error").await;
+    assert_eq!(notice["room"], "lossy", "{notice}");
+    let resumed = alice
+        .request(
+            json!({"type": "join", "room": "lossy", "since": {"epoch": epoch, "offset": seen}}),
+        )
+        .await;
+    assert_eq!(resumed["recovered"], false, "{resumed}");
+    assert_ne!(resumed["epoch"].as_u64(), Some(epoch));
+    let next = alice.publish("lossy", json!("after")).await;
+    assert!(next > resumed["offset"].as_u64().unwrap());
+}
