@@ -293,22 +293,15 @@ impl Actor for RoomActor {
             ctx.run_interval(check, |act, _| act.tick_presence());
             return self.start_sync(ctx);
         }
-        let (store, room) = (self.context.store.clone(), self.name.clone());
-        let load = tokio::task::spawn_blocking(move || {
-            // Read before the load: a recovery in between makes the first
-            // write stale (refused, then reloaded), never wrongly accepted.
-            let generation = store.generation();
-            store
-                .load_room(&room, TAIL_MAX_MESSAGES)
-                .map(|snapshot| (generation, snapshot))
-        });
         // `wait`: no message is handled before the log is loaded.
-        ctx.wait(load.into_actor(self).map(|result, act, ctx| {
-            match result.unwrap_or(Err(StoreError::Closed)) {
-                Ok((generation, snapshot)) => act.loaded(ctx, generation, snapshot),
-                Err(error) => act.fail(ctx, error),
-            }
-        }));
+        ctx.wait(
+            self.load_view()
+                .into_actor(self)
+                .map(|result, act, ctx| match result {
+                    Ok((generation, snapshot)) => act.loaded(ctx, generation, snapshot),
+                    Err(error) => act.fail(ctx, error),
+                }),
+        );
     }
 }
 

@@ -205,16 +205,8 @@ impl RoomActor {
     /// durability): members are told to join again and the room starts
     /// over from the store.
     pub(super) fn resync(&mut self, ctx: &mut Context<Self>) {
-        let store = self.context.store.clone();
-        let room = self.name.clone();
-        let load = tokio::task::spawn_blocking(move || {
-            let generation = store.generation();
-            store
-                .load_room(&room, TAIL_MAX_MESSAGES)
-                .map(|s| (generation, s))
-        });
-        ctx.wait(load.into_actor(self).map(|result, act, ctx| {
-            let Ok(Ok((generation, snapshot))) = result else {
+        ctx.wait(self.load_view().into_actor(self).map(|result, act, ctx| {
+            let Ok((generation, snapshot)) = result else {
                 return; // Still failing: the next maintenance tick retries.
             };
             let Some(log) = act.log.as_mut() else { return };
@@ -248,6 +240,23 @@ impl RoomActor {
             act.update_stats();
             act.loaded(ctx, generation, snapshot);
         }));
+    }
+
+    /// Reads the room's log from the store, off the actor's thread, with the
+    /// store generation it comes from (read first: a recovery in between
+    /// makes the first write stale, refused and reloaded, never wrongly
+    /// accepted).
+    pub(super) fn load_view(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(u64, RoomSnapshot), StoreError>> {
+        let (store, room) = (self.context.store.clone(), self.name.clone());
+        let load = tokio::task::spawn_blocking(move || {
+            let generation = store.generation();
+            store
+                .load_room(&room, TAIL_MAX_MESSAGES)
+                .map(|snapshot| (generation, snapshot))
+        });
+        async move { load.await.unwrap_or(Err(StoreError::Closed)) }
     }
 
     /// A room without a log gets a new epoch in memory; the log (and the
