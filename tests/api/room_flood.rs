@@ -73,6 +73,7 @@ async fn a_flood_of_rooms_gives_its_memory_back() {
     // A second flood ends where the first did: no ratchet.
     let peak2 = flood(&app, 2, 300, 32).await;
     let after2 = settles_below(&app, ceiling).await;
+    eprintln!("RSS KiB: start {start}, flood {peak} → {after}, again {peak2} → {after2}");
     assert!(
         after2 <= ceiling,
         "second flood: {peak2} KiB → {after2} KiB (first ended at {after} KiB)"
