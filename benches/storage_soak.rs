@@ -149,6 +149,7 @@ fn main() {
                     room: room.clone(),
                     epoch: 1,
                     generation: store.generation(),
+                    ring: opts.keep,
                     ops,
                 },
                 Box::new(move |r| {

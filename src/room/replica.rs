@@ -75,6 +75,7 @@ pub(super) async fn catch_up(
             keys: Vec::new(),
             damage: None,
             unreadable: Vec::new(),
+            ring: 0,
         };
     }
     snapshot.keys.clear();
@@ -124,6 +125,7 @@ pub(super) async fn catch_up(
             room: room.clone(),
             epoch: bounds.epoch,
             generation: context.store.generation(),
+            ring: context.settings.history.max_per_room,
             ops,
         };
         context.store.write(

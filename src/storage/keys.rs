@@ -1,5 +1,4 @@
-//! The key layout of the store (format v2, with v3's additions): every room
-//! in one sled tree.
+//! The key layout of the store (format v4): every room in one sled tree.
 //!
 //! ```text
 //! tree "meta":  "format_version" → u32 BE    "node_id" → utf-8
@@ -7,13 +6,21 @@
 //!               "clean_close"    → u64 BE: the last run that closed cleanly
 //!               "acks_unflushed" → 1 byte: that run acked before flushing (batched)
 //! tree "log":   0x00 "seq"       → u64 BE: write groups ever applied
-//!               'r' room            → epoch u64 BE | last offset u64 BE
-//!                                     | incarnation u64 BE (v3; v2 headers have none)
-//!               'm' room 0x00 offset → the encoded `message` frame (JSON)
-//!               'k' room 0x00 key    → offset u64 BE | ts u64 BE
+//!               'r' room          → epoch | last offset | incarnation | first
+//!                                   retained offset | ring size (u64 BE each)
+//!               's' room 0x00 slot → the encoded `message` frame (JSON) whose
+//!                                   offset % ring size is `slot` (u64 BE)
+//!               'k' room 0x00 key  → offset u64 BE | ts u64 BE
 //! ```
-//! Room names never contain 0x00, so `'m' room 0x00` is an exact prefix of one
-//! room's messages, and big-endian offsets sort numerically.
+//! A room's messages live in a ring of slots, so appending to a room at its
+//! retention limit overwrites the oldest message's slot instead of creating
+//! one key and deleting another: sled's tree keeps its shape, which keeps
+//! its log, its memory and its writes small (BENCHMARKS.md, "Storage soak").
+//! Every message carries its own offset, which readers check, so a slot that
+//! holds another offset than the one asked for is simply not that message.
+//! Room names never contain 0x00, so `'s' room 0x00` is an exact prefix of one
+//! room's slots. Formats v2/v3 keyed messages by offset (`'m' room 0x00
+//! offset`); the v4 step moves them into rings.
 
 pub const META_TREE: &str = "meta";
 pub const LOG_TREE: &str = "log";
@@ -26,7 +33,9 @@ pub const ACKS_UNFLUSHED_KEY: &[u8] = b"acks_unflushed";
 pub const SEQ_KEY: &[u8] = b"\x00seq";
 
 const ROOM: u8 = b'r';
+/// Formats v2 and v3: messages keyed by offset (read only by the v4 step).
 const MESSAGE: u8 = b'm';
+const SLOT: u8 = b's';
 const DEDUP: u8 = b'k';
 
 fn prefixed(tag: u8, room: &[u8], extra: usize) -> Vec<u8> {
@@ -48,58 +57,93 @@ pub fn room_of_header(key: &[u8]) -> Option<&[u8]> {
     key.strip_prefix(ROOM_HEADER_PREFIX)
 }
 
-/// A room log's header: its epoch, the newest offset ever assigned, and the
-/// run (incarnation) that last wrote it, which tells after an unclean stop
-/// which rooms may have lost writes that were acked before a flush.
+/// A room log's header: its epoch, the newest offset ever assigned, the run
+/// (incarnation) that last wrote it (which tells after an unclean stop which
+/// rooms may have lost writes acked before a flush), the oldest offset still
+/// retained (`last + 1` when none is) and the size of its ring of slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     pub epoch: u64,
     pub last: u64,
     pub incarnation: u64,
+    pub first: u64,
+    /// 0 in a v2/v3 header: its messages are still keyed by offset.
+    pub ring: u64,
 }
 
 impl Header {
-    pub fn encode(&self) -> [u8; 24] {
-        let mut out = [0u8; 24];
-        out[..8].copy_from_slice(&self.epoch.to_be_bytes());
-        out[8..16].copy_from_slice(&self.last.to_be_bytes());
-        out[16..].copy_from_slice(&self.incarnation.to_be_bytes());
+    pub fn encode(&self) -> [u8; 40] {
+        let mut out = [0u8; 40];
+        for (i, word) in [
+            self.epoch,
+            self.last,
+            self.incarnation,
+            self.first,
+            self.ring,
+        ]
+        .iter()
+        .enumerate()
+        {
+            out[i * 8..i * 8 + 8].copy_from_slice(&word.to_be_bytes());
+        }
         out
     }
 
-    /// Reads a v3 header, or a v2 one (no incarnation: 0).
+    /// Reads a v4 header, or a v3 (24 bytes) or v2 (16 bytes) one: no ring.
     pub fn decode(bytes: &[u8]) -> Option<Header> {
         let word = |i: usize| Some(u64::from_be_bytes(bytes.get(i..i + 8)?.try_into().ok()?));
         match bytes.len() {
-            16 | 24 => Some(Header {
+            16 | 24 | 40 => Some(Header {
                 epoch: word(0)?,
                 last: word(8)?,
-                incarnation: if bytes.len() == 24 { word(16)? } else { 0 },
+                incarnation: if bytes.len() >= 24 { word(16)? } else { 0 },
+                first: if bytes.len() == 40 { word(24)? } else { 0 },
+                ring: if bytes.len() == 40 { word(32)? } else { 0 },
             }),
             _ => None,
         }
     }
+
+    /// Offsets retained: `first..=last` (empty when `first > last`).
+    pub fn retained(&self) -> std::ops::RangeInclusive<u64> {
+        self.first..=self.last
+    }
 }
 
+/// Formats v2/v3: the prefix of a room's offset-keyed messages.
 pub fn message_prefix(room: &[u8]) -> Vec<u8> {
     let mut key = prefixed(MESSAGE, room, 8);
     key.push(0);
     key
 }
 
+/// Formats v2/v3: a message's key by offset.
 pub fn message_key(room: &[u8], offset: u64) -> Vec<u8> {
     let mut key = message_prefix(room);
     key.extend_from_slice(&offset.to_be_bytes());
     key
 }
 
-/// The offset at the end of a message key.
+/// The number at the end of a message or slot key.
 pub fn offset_of(message_key: &[u8]) -> Option<u64> {
     let tail = message_key
         .len()
         .checked_sub(8)
         .map(|i| &message_key[i..])?;
     Some(u64::from_be_bytes(tail.try_into().ok()?))
+}
+
+pub fn slot_prefix(room: &[u8]) -> Vec<u8> {
+    let mut key = prefixed(SLOT, room, 8);
+    key.push(0);
+    key
+}
+
+/// The key of the slot that holds `offset` in a ring of `ring` slots.
+pub fn slot_key(room: &[u8], offset: u64, ring: u64) -> Vec<u8> {
+    let mut key = slot_prefix(room);
+    key.extend_from_slice(&(offset % ring.max(1)).to_be_bytes());
+    key
 }
 
 pub fn dedup_prefix(room: &[u8]) -> Vec<u8> {
@@ -153,10 +197,14 @@ mod tests {
             epoch: 5,
             last: 9,
             incarnation: 3,
+            first: 2,
+            ring: 100,
         };
         assert_eq!(Header::decode(&h.encode()), Some(h));
         let v2 = Header::decode(&pair(5, 9)).unwrap();
-        assert_eq!((v2.epoch, v2.last, v2.incarnation), (5, 9, 0));
+        assert_eq!((v2.epoch, v2.last, v2.incarnation, v2.ring), (5, 9, 0, 0));
+        assert_eq!(slot_key(b"r", 205, 100), slot_key(b"r", 5, 100));
+        assert!(slot_key(b"r", 5, 100).starts_with(&slot_prefix(b"r")));
         assert_eq!(Header::decode(b"short"), None);
         assert_eq!(
             room_of_header(&room_meta_key(b"lobby")),

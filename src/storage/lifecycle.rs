@@ -83,8 +83,8 @@ pub fn begin(
             };
             let moved = Header {
                 epoch: new_epoch(),
-                last: header.last,
                 incarnation,
+                ..header
             };
             batch.insert(key.as_ref(), &moved.encode()[..]);
             let room = keys::room_of_header(&key).unwrap_or_default();
@@ -166,6 +166,8 @@ mod tests {
             epoch: 7,
             last: 3,
             incarnation,
+            first: 1,
+            ring: 10,
         };
         log.insert(keys::room_meta_key(room), &h.encode()[..])
             .unwrap();

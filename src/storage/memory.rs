@@ -41,6 +41,7 @@ impl HistoryStore for MemoryStore {
                 keys: Vec::new(),
                 damage: None,
                 unreadable: Vec::new(),
+                ring: 0,
             });
         };
         let mut newest: Vec<EncodedMessage> =
@@ -62,6 +63,7 @@ impl HistoryStore for MemoryStore {
                 .collect(),
             damage: None,
             unreadable: Vec::new(),
+            ring: 0,
         })
     }
 
@@ -136,6 +138,8 @@ impl HistoryStore for MemoryStore {
                         log.last = after;
                     }
                     WriteOp::SetHeader { last } => log.last = last,
+                    // Offsets are the keys here: nothing to re-lay.
+                    WriteOp::Relayout => {}
                 }
             }
         }

@@ -14,9 +14,11 @@ use super::StoreError;
 pub mod v2_single_keyspace;
 #[path = "../../migrations/v3_run_markers.rs"]
 pub mod v3_run_markers;
+#[path = "../../migrations/v4_ring_slots.rs"]
+pub mod v4_ring_slots;
 
 /// The format this binary reads and writes.
-pub const CURRENT_VERSION: u32 = 3;
+pub const CURRENT_VERSION: u32 = 4;
 
 type Step = fn(&sled::Db) -> sled::Result<()>;
 
@@ -24,6 +26,7 @@ type Step = fn(&sled::Db) -> sled::Result<()>;
 const STEPS: &[(u32, Step)] = &[
     (2, v2_single_keyspace::upgrade),
     (3, v3_run_markers::upgrade),
+    (4, v4_ring_slots::upgrade),
 ];
 
 /// Reads the stored version (None for a database never stamped).

@@ -96,6 +96,9 @@ pub struct RoomSnapshot {
     /// Offsets whose stored message cannot be read (skipped; the room
     /// removes them).
     pub unreadable: Vec<u64>,
+    /// The size of the log's ring of slots (0: no log, or a store without
+    /// rings); a room whose retention differs asks for [`WriteOp::Relayout`].
+    pub ring: u64,
 }
 
 /// One change to a room's log.
@@ -116,6 +119,9 @@ pub enum WriteOp {
     /// Writes the log's header now (epoch of the batch, newest offset `last`),
     /// e.g. when a damaged log moves to a new epoch.
     SetHeader { last: u64 },
+    /// Moves the log into a ring of the batch's `ring` slots (after
+    /// `history.max_per_room` changed), keeping the newest messages that fit.
+    Relayout,
 }
 
 /// Changes to one room, applied atomically and in submission order.
@@ -127,6 +133,9 @@ pub struct WriteBatch {
     /// ([`HistoryStore::generation`]); a batch from an older one is refused
     /// with [`StoreError::Stale`].
     pub generation: u64,
+    /// How many messages the room keeps (`history.max_per_room`): the size
+    /// of its ring of slots when its log is created or re-laid.
+    pub ring: u64,
     pub ops: Vec<WriteOp>,
 }
 

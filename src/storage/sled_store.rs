@@ -34,10 +34,6 @@ pub const BATCHED_FLUSH_EVERY: Duration = Duration::from_millis(10);
 /// is kept well below what the hub may use.
 const CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
 
-/// A room log longer than this is not counted entry by entry when it loads
-/// (only its ends and newest messages are checked).
-const FULL_CHECK_UP_TO: u64 = 10_000;
-
 /// An open database.
 #[derive(Clone)]
 pub(super) struct Handles {
@@ -231,6 +227,14 @@ impl SledStore {
         EncodedMessage::from_json(raw).map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
+    /// A room's log header, if it has a log.
+    fn header(&self, handles: &Handles, room: &[u8]) -> Result<Option<Header>, StoreError> {
+        Ok(handles
+            .log
+            .get(keys::room_meta_key(room))?
+            .and_then(|v| Header::decode(&v)))
+    }
+
     /// A stored message, or `None` (with a warning) if it cannot be decoded:
     /// one unreadable entry must not make a room's whole history unreadable.
     /// (A room that loads such an entry among its newest moves to a new
@@ -283,69 +287,49 @@ impl SledStore {
             // memory: nothing of it is served until the store has recovered.
             return Err(self.shared.health.error());
         }
-        let prefix = keys::message_prefix(name);
-        let key_offset = |key: &[u8]| keys::offset_of(key).unwrap_or(0);
-        let oldest_key = log.scan_prefix(&prefix).keys().next().transpose()?;
-        let newest_key = log.scan_prefix(&prefix).keys().next_back().transpose()?;
-        let header_last = header.map_or(0, |h| h.last);
-        let newest_found = newest_key.as_deref().map_or(0, key_offset);
-        if header.is_none() && newest_key.is_some() && damage.is_none() {
+        // The ring's slots (a ring holds at most `ring` of them).
+        let prefix = keys::slot_prefix(name);
+        let ring = header.map_or(0, |h| h.ring.max(1));
+        let slots = log.scan_prefix(&prefix).keys().count() as u64;
+        if header.is_none() && slots > 0 && damage.is_none() {
             damage = Some("it holds messages but no header".to_owned());
         }
-        if newest_found > header_last && damage.is_none() {
+        let last_offset = header.map_or(0, |h| h.last);
+        let first_offset = header.map_or(last_offset + 1, |h| h.first.min(last_offset + 1));
+        let expected_count = (last_offset + 1).saturating_sub(first_offset);
+        if damage.is_none() && slots != expected_count {
             damage = Some(format!(
-                "it holds offset {newest_found} beyond its newest offset {header_last}"
+                "it holds {slots} messages where offsets {first_offset} to {last_offset} need {expected_count}"
             ));
         }
-        // Never hand out an offset that was ever found.
-        let last_offset = header_last.max(newest_found);
 
-        // The newest messages, checked to be readable, in place and
-        // contiguous up to `last_offset`. What is readable is kept (a gap
-        // stays a gap); what is not is skipped and reported for removal.
+        // The newest messages, each read from its slot and checked to be
+        // readable and the offset asked for. What is readable is kept (a
+        // gap stays a gap); what is not is reported for removal.
         let mut messages = Vec::with_capacity(tail.min(1024));
         let mut unreadable = Vec::new();
-        let mut expected = last_offset;
-        let newest = log.range(..=keys::message_key(name, last_offset));
-        for entry in newest.rev().take(tail) {
-            let (key, value) = entry?;
-            if !key.starts_with(&prefix) {
-                break;
-            }
-            let offset = key_offset(&key);
-            if offset != expected {
-                damage.get_or_insert(format!("offsets {} to {expected} are missing", offset + 1));
-            }
-            expected = offset.saturating_sub(1);
-            match self.decode(value) {
-                Ok(message) if message.offset == offset => messages.push(message),
-                Ok(message) => {
-                    damage.get_or_insert(format!(
-                        "the message at offset {offset} says offset {}",
-                        message.offset
-                    ));
-                    unreadable.push(offset);
-                }
-                Err(e) => {
-                    damage.get_or_insert(format!(
-                        "the message at offset {offset} is unreadable ({e})"
-                    ));
-                    unreadable.push(offset);
-                }
-            }
-        }
-        messages.reverse();
-        let first_offset = oldest_key.as_deref().map_or(last_offset + 1, key_offset);
-        // Older history: as many entries as the offsets say (when short
-        // enough to count).
-        if damage.is_none() && messages.len() == tail {
-            let expected_count = last_offset + 1 - first_offset;
-            if expected_count <= FULL_CHECK_UP_TO {
-                let count = log.scan_prefix(&prefix).keys().count() as u64;
-                if count != expected_count {
-                    damage = Some(format!(
-                        "it holds {count} messages where offsets {first_offset} to {last_offset} need {expected_count}"
-                    ));
+        let newest_from = first_offset.max((last_offset + 1).saturating_sub(tail as u64));
+        if let Some(header) = header {
+            let ring = header.ring.max(1);
+            for offset in newest_from..=last_offset {
+                let Some(value) = log.get(keys::slot_key(name, offset, ring))? else {
+                    damage.get_or_insert(format!("offset {offset} is missing"));
+                    continue;
+                };
+                match self.decode(value) {
+                    Ok(message) if message.offset == offset => messages.push(message),
+                    Ok(message) => {
+                        damage.get_or_insert(format!(
+                            "the slot of offset {offset} holds offset {}",
+                            message.offset
+                        ));
+                    }
+                    Err(e) => {
+                        damage.get_or_insert(format!(
+                            "the message at offset {offset} is unreadable ({e})"
+                        ));
+                        unreadable.push(offset);
+                    }
                 }
             }
         }
@@ -369,6 +353,7 @@ impl SledStore {
             keys: dedup,
             unreadable,
             damage,
+            ring,
         })
     }
 }
@@ -391,19 +376,39 @@ impl HistoryStore for SledStore {
         }
         let handles = self.handles()?;
         let name = room.as_str().as_bytes();
-        let range = handles
-            .log
-            .range(keys::message_key(name, from)..=keys::message_key(name, to));
+        let Some(header) = self.header(&handles, name)? else {
+            return Ok(Vec::new());
+        };
+        let (from, to) = (from.max(header.first), to.min(header.last));
+        if from > to {
+            return Ok(Vec::new());
+        }
+        let ring = header.ring.max(1);
+        let read = |offset: u64| -> Result<Option<EncodedMessage>, StoreError> {
+            let entry = handles.log.get(keys::slot_key(name, offset, ring))?;
+            let Some(value) = entry else { return Ok(None) };
+            let key = keys::slot_key(name, offset, ring);
+            // A slot taken over by a newer offset does not hold this one.
+            Ok(self
+                .readable(room, Ok((key.into(), value)))?
+                .filter(|m| m.offset == offset))
+        };
         let mut out = Vec::new();
         match take {
             Take::Oldest => {
-                for entry in range.take(limit) {
-                    out.extend(self.readable(room, entry)?);
+                for offset in from..=to {
+                    if out.len() == limit {
+                        break;
+                    }
+                    out.extend(read(offset)?);
                 }
             }
             Take::Newest => {
-                for entry in range.rev().take(limit) {
-                    out.extend(self.readable(room, entry)?);
+                for offset in (from..=to).rev() {
+                    if out.len() == limit {
+                        break;
+                    }
+                    out.extend(read(offset)?);
                 }
                 out.reverse();
             }
@@ -419,21 +424,24 @@ impl HistoryStore for SledStore {
     ) -> Result<u64, StoreError> {
         let handles = self.handles()?;
         let name = room.as_str().as_bytes();
-        let mut next = from;
-        for entry in handles
-            .log
-            .range(keys::message_key(name, from)..=keys::message_key(name, u64::MAX))
-        {
-            // An unreadable message has no age: it goes with the expired ones.
-            let Some(message) = self.readable(room, entry)? else {
+        let Some(header) = self.header(&handles, name)? else {
+            return Ok(from);
+        };
+        let ring = header.ring.max(1);
+        for offset in from.max(header.first)..=header.last {
+            let key = keys::slot_key(name, offset, ring);
+            let Some(value) = handles.log.get(&key)? else {
                 continue;
             };
-            if message.ts >= cutoff_ts {
-                return Ok(message.offset);
+            // An unreadable message has no age: it goes with the expired ones.
+            let Some(message) = self.readable(room, Ok((key.into(), value)))? else {
+                continue;
+            };
+            if message.offset == offset && message.ts >= cutoff_ts {
+                return Ok(offset);
             }
-            next = message.offset + 1;
         }
-        Ok(next)
+        Ok(header.last + 1)
     }
 
     fn write(&self, batch: WriteBatch, done: WriteDone) {

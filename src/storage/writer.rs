@@ -21,6 +21,7 @@ use super::keys::{self, Header, SEQ_KEY};
 use super::sled_store::{Handles, Shared};
 use super::{StoreError, WriteBatch, WriteDone, WriteOp};
 use crate::config::Durability;
+use std::collections::HashMap;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -115,6 +116,7 @@ impl Writer {
         let mut flush_waiters = Vec::new();
         let mut chunk = sled::Batch::default();
         let mut chunk_bytes = 0;
+        let mut headers = Headers::new();
         let mut result = Ok(());
         for job in group {
             match job {
@@ -122,8 +124,14 @@ impl Writer {
                     callback(Err(StoreError::Stale));
                 }
                 Job::Write(write, callback) => {
+                    let reads_tree = write.ops.iter().any(|op| matches!(op, WriteOp::Relayout));
+                    if result.is_ok() && reads_tree && chunk_bytes > 0 {
+                        // A re-layout reads the room's messages from the tree.
+                        result = handles.log.apply_batch(std::mem::take(&mut chunk));
+                        chunk_bytes = 0;
+                    }
                     if result.is_ok() {
-                        chunk_bytes += add_to_batch(&mut chunk, &handles, write);
+                        chunk_bytes += add_to_batch(&mut chunk, &mut headers, &handles, write);
                         if chunk_bytes >= MAX_SLED_BATCH_BYTES {
                             result = handles.log.apply_batch(std::mem::take(&mut chunk));
                             chunk_bytes = 0;
@@ -255,82 +263,153 @@ pub(super) fn gather(
     group
 }
 
+/// The headers of the rooms a group has changed so far (what the tree will
+/// hold once the group's batches are applied).
+type Headers = HashMap<Vec<u8>, Header>;
+
+/// The room's header as the group left it, else as the tree holds it.
+fn current_header(headers: &Headers, handles: &Handles, room: &[u8]) -> Option<Header> {
+    let key = keys::room_meta_key(room);
+    if let Some(h) = headers.get(&key) {
+        return Some(*h);
+    }
+    let stored = handles.log.get(&key).ok().flatten()?;
+    Header::decode(&stored)
+}
+
 /// Adds one room's changes to `batch`; returns about how many bytes they add.
-fn add_to_batch(batch: &mut sled::Batch, handles: &Handles, write: WriteBatch) -> usize {
+/// Messages go to their slot in the room's ring: an append at the retention
+/// limit overwrites the oldest message's slot, and a prune deletes only
+/// slots no newer retained offset has taken over.
+fn add_to_batch(
+    batch: &mut sled::Batch,
+    headers: &mut Headers,
+    handles: &Handles,
+    write: WriteBatch,
+) -> usize {
     let room = write.room.as_str().as_bytes();
     let mut bytes = 0;
-    let mut header_last = None;
+    let mut header = current_header(headers, handles, room).unwrap_or(Header {
+        epoch: write.epoch,
+        last: 0,
+        incarnation: handles.incarnation,
+        first: 1,
+        ring: write.ring.max(1),
+    });
+    let mut changed = false;
     let insert = |batch: &mut sled::Batch, bytes: &mut usize, key: Vec<u8>, value: &[u8]| {
         *bytes += key.len() + value.len();
         batch.insert(key, value);
     };
+    let remove = |batch: &mut sled::Batch, bytes: &mut usize, key: Vec<u8>| {
+        *bytes += key.len();
+        batch.remove(key);
+    };
     for op in write.ops {
+        changed = true;
+        // As the log is now (a re-layout changes it for the ops after it).
+        let ring = header.ring.max(1);
         match op {
             WriteOp::Append { message, key } => {
+                let offset = message.offset;
                 if let Some(key) = key {
-                    let entry = keys::pair(message.offset, message.ts);
+                    let entry = keys::pair(offset, message.ts);
                     insert(batch, &mut bytes, keys::dedup_key(room, &key), &entry);
                 }
                 let text = message.as_str().as_bytes();
-                insert(
-                    batch,
-                    &mut bytes,
-                    keys::message_key(room, message.offset),
-                    text,
-                );
-                header_last = Some(message.offset);
+                insert(batch, &mut bytes, keys::slot_key(room, offset, ring), text);
+                if header.first > header.last {
+                    header.first = offset;
+                }
+                header.last = header.last.max(offset);
+                // The slot's previous message is gone.
+                header.first = header.first.max((header.last + 1).saturating_sub(ring));
             }
             WriteOp::Prune { from, to } => {
-                for offset in from..to {
-                    bytes += room.len() + 10;
-                    batch.remove(keys::message_key(room, offset));
+                // Only the last `ring` offsets of the range can still own a slot.
+                for offset in from.max(to.saturating_sub(ring))..to {
+                    if offset + ring > header.last {
+                        remove(batch, &mut bytes, keys::slot_key(room, offset, ring));
+                    }
                 }
+                header.first = header.first.max(to);
             }
             WriteOp::ForgetKeys(keys_to_forget) => {
                 for key in keys_to_forget {
-                    bytes += room.len() + key.len() + 2;
-                    batch.remove(keys::dedup_key(room, &key));
+                    remove(batch, &mut bytes, keys::dedup_key(room, &key));
                 }
             }
             WriteOp::Truncate { after } => {
-                bytes += truncate(batch, handles, room, after);
-                header_last = Some(after);
+                let newest = header.last.max(after);
+                for offset in (after + 1).max((newest + 1).saturating_sub(ring))..=newest {
+                    remove(batch, &mut bytes, keys::slot_key(room, offset, ring));
+                }
+                for (key, value) in handles.log.scan_prefix(keys::dedup_prefix(room)).flatten() {
+                    if keys::unpair(&value).is_some_and(|(offset, _)| offset > after) {
+                        remove(batch, &mut bytes, key.to_vec());
+                    }
+                }
+                header.last = after;
+                header.first = header.first.min(after + 1);
             }
-            WriteOp::SetHeader { last } => header_last = Some(last),
+            WriteOp::SetHeader { last } => {
+                header.last = last;
+                header.first = header.first.min(last + 1);
+            }
+            WriteOp::Relayout => {
+                bytes += relayout(batch, handles, room, &mut header, write.ring.max(1));
+            }
         }
     }
-    if let Some(last) = header_last {
-        let header = Header {
-            epoch: write.epoch,
-            last,
-            incarnation: handles.incarnation,
-        };
+    if changed {
+        header.epoch = write.epoch;
+        header.incarnation = handles.incarnation;
         insert(
             batch,
             &mut bytes,
             keys::room_meta_key(room),
             &header.encode(),
         );
+        headers.insert(keys::room_meta_key(room), header);
     }
     bytes
 }
 
-/// Removes what a room's log holds after `after` (messages, and the keys of
-/// idempotent publishes that got those offsets).
-fn truncate(batch: &mut sled::Batch, handles: &Handles, room: &[u8], after: u64) -> usize {
+/// Moves a room's retained messages into a ring of `ring` slots, keeping the
+/// newest that fit. Reads the tree: the group's earlier batches must have
+/// been applied first (`Writer::commit` does).
+fn relayout(
+    batch: &mut sled::Batch,
+    handles: &Handles,
+    room: &[u8],
+    header: &mut Header,
+    ring: u64,
+) -> usize {
+    let old_ring = header.ring.max(1);
+    let keep_from = header.first.max((header.last + 1).saturating_sub(ring));
     let mut bytes = 0;
-    let from = keys::message_key(room, after.saturating_add(1));
-    let to = keys::message_key(room, u64::MAX);
-    for key in handles.log.range(from..=to).keys().flatten() {
+    let mut moved = Vec::new();
+    for offset in keep_from..=header.last {
+        if let Ok(Some(value)) = handles.log.get(keys::slot_key(room, offset, old_ring)) {
+            moved.push((offset, value));
+        }
+    }
+    for key in handles
+        .log
+        .scan_prefix(keys::slot_prefix(room))
+        .keys()
+        .flatten()
+    {
         bytes += key.len();
         batch.remove(key);
     }
-    for (key, value) in handles.log.scan_prefix(keys::dedup_prefix(room)).flatten() {
-        if keys::unpair(&value).is_some_and(|(offset, _)| offset > after) {
-            bytes += key.len();
-            batch.remove(key);
-        }
+    for (offset, value) in moved {
+        let key = keys::slot_key(room, offset, ring);
+        bytes += key.len() + value.len();
+        batch.insert(key, value);
     }
+    header.first = keep_from;
+    header.ring = ring;
     bytes
 }
 

@@ -150,6 +150,12 @@ impl TestApp {
         let _ = self.child.wait();
     }
 
+    /// Sets (or replaces) a variable for the next `restart`.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// Starts the hub again on the same data dir (after `terminate` or `kill9`).
     pub fn restart(&mut self) {
         let next = Self::start(self._dir.clone(), self.env.clone());

@@ -175,3 +175,54 @@ async fn a_store_from_a_newer_version_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("format version 99"), "{stderr}");
 }
+
+/// A changed `history.max_per_room` takes effect on the stored log: fewer
+/// keep the newest that fit, more keep what there is and grow; offsets and
+/// the epoch stay.
+#[tokio::test]
+async fn changing_max_per_room_relays_the_log() {
+    let mut app = TestApp::spawn_with(&[
+        ("ROOMHUB_HISTORY__MAX_PER_ROOM", "100"),
+        ("ROOMHUB_LIMITS__PUBLISH_PER_SEC", "100000"),
+        ("ROOMHUB_LIMITS__PUBLISH_BURST", "100000"),
+    ])
+    .await;
+    let mut c = app.connect("user=alice").await;
+    let epoch = c.join("resize").await["epoch"].clone();
+    for i in 1..=50 {
+        c.publish("resize", json!(i)).await;
+    }
+    drop(c);
+    assert!(app.terminate().success());
+    app.set_env("ROOMHUB_HISTORY__MAX_PER_ROOM", "20");
+    app.restart();
+    let mut c = app.connect("user=alice").await;
+    let joined = c
+        .request(json!({"type": "join", "room": "resize", "since": {"epoch": epoch, "offset": 40}, "history": 200}))
+        .await;
+    assert_eq!(joined["recovered"], true);
+    assert_eq!(offsets(&joined["history"]), (41..=50).collect::<Vec<_>>());
+    let page = c
+        .request(json!({"type": "history", "room": "resize", "limit": 200}))
+        .await;
+    assert_eq!(offsets(&page["messages"]), (31..=50).collect::<Vec<_>>());
+    assert_eq!(c.publish("resize", json!("next")).await, 51);
+    drop(c);
+    assert!(app.terminate().success());
+    app.set_env("ROOMHUB_HISTORY__MAX_PER_ROOM", "1000");
+    app.restart();
+    let mut c = app.connect("user=alice").await;
+    c.join("resize").await;
+    for i in 52..=60 {
+        assert_eq!(c.publish("resize", json!(i)).await, i);
+    }
+    let page = c
+        .request(json!({"type": "history", "room": "resize", "limit": 200}))
+        .await;
+    assert_eq!(offsets(&page["messages"]), (32..=60).collect::<Vec<_>>());
+    assert_eq!(page["messages"].as_array().unwrap().len(), 29);
+    let (_, http) = app
+        .get_json("/api/rooms/resize/messages?since=0&limit=200")
+        .await;
+    assert_eq!(http["epoch"], epoch);
+}

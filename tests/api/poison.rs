@@ -96,6 +96,7 @@ fn store_behind_the_hubs_back(dir: &std::path::Path, room: &str, datas: &[String
             room: room.clone(),
             epoch,
             generation: store.generation(),
+            ring: 1000,
             ops,
         },
         Box::new(move |result| {
@@ -113,7 +114,8 @@ fn store_behind_the_hubs_back(dir: &std::path::Path, room: &str, datas: &[String
 fn damage(dir: &std::path::Path, room: &str, offset: u64) {
     let db = sled::open(dir).expect("open sled");
     let log = db.open_tree(keys::LOG_TREE).unwrap();
-    let key = keys::message_key(room.as_bytes(), offset);
+    // The hub's default `history.max_per_room`: the ring the store laid out.
+    let key = keys::slot_key(room.as_bytes(), offset, 1000);
     assert!(log.get(&key).unwrap().is_some(), "offset {offset} exists");
     log.insert(key, &b"\xff{not json"[..]).unwrap();
     db.flush().unwrap();

@@ -30,6 +30,7 @@ fn write(store: &dyn HistoryStore, room: &RoomName, epoch: u64, ops: Vec<WriteOp
             room: room.clone(),
             epoch,
             generation: store.generation(),
+            ring: 1000,
             ops,
         },
         Box::new(move |r| tx.send(r).unwrap()),
@@ -152,4 +153,64 @@ fn sled_store_conforms_and_keeps_data_across_reopen() {
         );
         assert_eq!(store.node_id(None).unwrap(), id);
     }
+}
+
+/// sled keeps each room's messages in a ring of `ring` slots: appends past
+/// the limit overwrite the oldest (no prune needed), prunes delete only slots
+/// no newer offset took over, and a re-layout to another size keeps the
+/// newest that fit, offsets unchanged.
+#[test]
+fn sled_rings_overwrite_prune_and_relayout() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), Durability::Sync, Duration::ZERO).unwrap();
+    let room = RoomName::parse("ring").unwrap();
+    let batch = |ops: Vec<WriteOp>, ring: u64| {
+        let (tx, rx) = mpsc::channel();
+        store.write(
+            WriteBatch {
+                room: room.clone(),
+                epoch: 3,
+                generation: store.generation(),
+                ring,
+                ops,
+            },
+            Box::new(move |r| tx.send(r).unwrap()),
+        );
+        rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    };
+    let append = |o: u64| WriteOp::Append {
+        message: message(&room, o, 1000 + o),
+        key: None,
+    };
+    batch((1..=8).map(append).collect(), 5);
+    let snap = store.load_room(&room, 100).unwrap();
+    assert_eq!((snap.first_offset, snap.last_offset, snap.ring), (4, 8, 5));
+    assert_eq!(offsets(&snap.tail), vec![4, 5, 6, 7, 8]);
+    assert!(snap.damage.is_none(), "{:?}", snap.damage);
+    assert_eq!(
+        offsets(&store.read_range(&room, 1, 100, 100, Take::Oldest).unwrap()),
+        vec![4, 5, 6, 7, 8]
+    );
+    // Append 9 and prune what the room's limit (5) drops: slot of 4 is 9's.
+    batch(vec![append(9), WriteOp::Prune { from: 4, to: 5 }], 5);
+    let snap = store.load_room(&room, 100).unwrap();
+    assert_eq!(offsets(&snap.tail), vec![5, 6, 7, 8, 9]);
+    // A TTL-style prune of the two oldest.
+    batch(vec![WriteOp::Prune { from: 5, to: 7 }], 5);
+    let snap = store.load_room(&room, 100).unwrap();
+    assert_eq!((snap.first_offset, offsets(&snap.tail)), (7, vec![7, 8, 9]));
+    assert_eq!(store.first_unexpired(&room, 1, 1008).unwrap(), 8);
+    // A smaller ring keeps the newest two; a larger one keeps them all.
+    batch(vec![WriteOp::Relayout], 2);
+    let snap = store.load_room(&room, 100).unwrap();
+    assert_eq!((snap.ring, offsets(&snap.tail)), (2, vec![8, 9]));
+    assert!(snap.damage.is_none(), "{:?}", snap.damage);
+    batch(vec![WriteOp::Relayout], 50);
+    batch((10..=12).map(append).collect(), 50);
+    let snap = store.load_room(&room, 100).unwrap();
+    assert_eq!(
+        (snap.ring, offsets(&snap.tail)),
+        (50, vec![8, 9, 10, 11, 12])
+    );
+    assert!(snap.damage.is_none(), "{:?}", snap.damage);
 }

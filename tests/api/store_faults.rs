@@ -65,6 +65,7 @@ fn pruning_load(store: &SledStore, rooms: &[RoomName], last: &mut [u64], rounds:
                         room: room.clone(),
                         epoch: 1,
                         generation: store.generation(),
+                        ring: KEEP,
                         ops,
                     },
                     Box::new(move |r| {
@@ -489,8 +490,8 @@ async fn a_room_log_with_missing_messages_moves_to_a_new_epoch() {
     {
         let db = sled::open(app.data_dir()).unwrap();
         let log = db.open_tree("log").unwrap();
-        let mut key = b"mholey\0".to_vec();
-        key.extend_from_slice(&10u64.to_be_bytes());
+        // Offset 10's slot in the room's ring (`history.max_per_room`, 1000).
+        let key = roomhub::storage::keys::slot_key(b"holey", 10, 1000);
         assert!(log.remove(key).unwrap().is_some());
         db.flush().unwrap();
     }

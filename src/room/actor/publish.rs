@@ -97,6 +97,7 @@ impl RoomActor {
             room: self.name.clone(),
             epoch: log.epoch,
             generation,
+            ring: self.settings().history.max_per_room,
             ops,
         };
         self.context.store.write(
@@ -279,9 +280,20 @@ impl RoomActor {
         };
         let unreadable = snapshot.unreadable.clone();
         let last = snapshot.last_offset;
+        let relayout = snapshot.ring != 0 && snapshot.ring != self.settings().history.max_per_room;
         self.log = Some(LogState::from_snapshot(
             snapshot, epoch, window_ms, generation,
         ));
+        if relayout {
+            // `history.max_per_room` changed since the log was laid out: its
+            // ring of slots takes the new size (the store keeps the newest
+            // that fit; offsets and epoch are unchanged).
+            self.write(ctx, vec![WriteOp::Relayout], None);
+            let max = self.settings().history.max_per_room;
+            if let Some(log) = self.log.as_mut() {
+                log.forget_before((last + 1).saturating_sub(max));
+            }
+        }
         if damaged {
             let mut ops: Vec<WriteOp> = unreadable
                 .into_iter()
