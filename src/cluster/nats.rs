@@ -139,11 +139,18 @@ impl Cluster {
         if !self.is_linked() {
             return Err(ClusterError::LinkDown);
         }
-        let stream = self
-            .js
-            .get_or_create_stream(self.stream_config(room))
-            .await
-            .map_err(ClusterError::log)?;
+        let config = self.stream_config(room);
+        let name = config.name.clone();
+        let stream = match self.js.get_or_create_stream(config).await {
+            Ok(stream) => stream,
+            // Another node made it at the same moment (JetStream then says
+            // "already in use" or "subjects overlap", 10058/10065): use theirs.
+            Err(error) => self
+                .js
+                .get_stream(name)
+                .await
+                .map_err(|_| ClusterError::log(error))?,
+        };
         let info = stream.cached_info();
         let epoch = (info.created.unix_timestamp_nanos() / 1_000_000).max(1) as u64;
         let last = info.state.last_sequence;
