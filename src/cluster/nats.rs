@@ -5,6 +5,7 @@
 //! Nothing here holds room state: rooms ask for their log's bounds, follow it
 //! with an ordered consumer and append through a [`LogAppender`].
 
+use super::health::JetStreamHealth;
 use super::records::{DirectRecord, RoomEvent};
 use super::subjects::Subjects;
 use crate::config::Settings;
@@ -15,6 +16,7 @@ use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use futures_util::stream::FuturesOrdered;
 use futures_util::StreamExt;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -59,6 +61,7 @@ pub struct Cluster {
     max_per_room: i64,
     max_age: Duration,
     dedup_window: Duration,
+    health: Arc<JetStreamHealth>,
 }
 
 impl Cluster {
@@ -101,6 +104,7 @@ impl Cluster {
         let ttl = settings.history.ttl_secs;
         let dedup = settings.history.dedup_window_secs.max(1);
         Ok(Cluster {
+            health: JetStreamHealth::start(client.clone()),
             client,
             js,
             subjects: Subjects::new(&settings.cluster.subject_prefix),
@@ -116,7 +120,12 @@ impl Cluster {
         &self.node_id
     }
 
+    /// Connected, and JetStream answers: publishes can be committed.
     pub fn is_linked(&self) -> bool {
+        self.is_connected() && self.health.is_ok()
+    }
+
+    fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 

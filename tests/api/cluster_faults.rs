@@ -2,7 +2,7 @@
 //! Every wait is bounded.
 
 use crate::helpers::{TestApp, WAIT};
-use crate::nats::{spawn_node, NatsServer};
+use crate::nats::{spawn_node, wait_ready, NatsServer};
 use serde_json::{json, Value};
 
 /// POSTs a message to `room` on `node`, answered within `WAIT`.
@@ -38,4 +38,28 @@ async fn a_new_room_used_on_three_nodes_at_once_takes_every_publish() {
     for (room, status, body) in futures_util::future::join_all(publishes).await {
         assert_eq!(status, 201, "{room}: {body}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_nats_makes_the_node_unready_until_it_runs_again() {
+    let nats = NatsServer::start();
+    let node = spawn_node(&nats, None, &[]).await;
+    let (status, body) = post(&node, "stall", json!({"data": "before"})).await;
+    assert_eq!(status, 201, "{body}");
+    nats.pause();
+    wait_ready(&node, false).await;
+    // Refused before reaching NATS: truly not committed.
+    let (status, body) = post(&node, "stall", json!({"data": "during"})).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not committed"),
+        "{body}"
+    );
+    nats.resume();
+    wait_ready(&node, true).await;
+    let (status, body) = post(&node, "stall", json!({"data": "after"})).await;
+    assert_eq!(status, 201, "{body}");
 }
