@@ -31,11 +31,25 @@ pub enum ClusterError {
     LinkDown,
     #[error("cluster log: {0}")]
     Log(String),
+    /// The publish went to JetStream but no answer came: it may or may not
+    /// have been committed. Only a retry with the same `key` is safe.
+    #[error(
+        "the outcome is unknown: the cluster log did not answer in time ({0}), so the \
+         message may have been committed; retry with the same key (a retry without \
+         one may duplicate it)"
+    )]
+    OutcomeUnknown(String),
 }
 
 impl ClusterError {
     fn log(e: impl std::fmt::Display) -> Self {
         ClusterError::Log(e.to_string())
+    }
+
+    /// Whether nothing was committed (the answer `unavailable` means that
+    /// unless the message says otherwise).
+    pub fn not_committed(&self) -> bool {
+        matches!(self, ClusterError::LinkDown | ClusterError::Log(_))
     }
 }
 
@@ -316,6 +330,7 @@ async fn run_appender(
                 if let Some(key) = &append.key {
                     headers.insert(async_nats::header::NATS_MESSAGE_ID, key.as_str());
                 }
+                // An error here means the client never took the publish.
                 let sent = js
                     .publish_with_headers(subject.clone(), headers, append.payload)
                     .await;
@@ -325,8 +340,8 @@ async fn run_appender(
                         Err(e) => Err(ClusterError::log(e)),
                         Ok(ack) => match tokio::time::timeout(ACK_TIMEOUT, ack).await {
                             Ok(Ok(ack)) => Ok(ack.sequence),
-                            Ok(Err(e)) => Err(ClusterError::log(e)),
-                            Err(_) => Err(ClusterError::LinkDown),
+                            Ok(Err(e)) => Err(ack_failure(e)),
+                            Err(_) => Err(ClusterError::OutcomeUnknown("no ack".into())),
                         },
                     };
                     (result, done)
@@ -337,6 +352,19 @@ async fn run_appender(
     }
     while let Some((result, done)) = in_flight.next().await {
         done(result);
+    }
+}
+
+/// Why a publish that was handed to NATS got no ack. Without an answer (a
+/// timeout, or the reply subscription gone with the connection) JetStream
+/// may have stored it; an answer that refuses it means it was not.
+fn ack_failure(error: jetstream::context::PublishError) -> ClusterError {
+    use jetstream::context::PublishErrorKind;
+    match error.kind() {
+        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
+            ClusterError::OutcomeUnknown(error.to_string())
+        }
+        _ => ClusterError::log(error),
     }
 }
 

@@ -18,8 +18,18 @@ pub enum RoomError {
     Store(#[from] StoreError),
     #[error("the room is restarting; try again")]
     Restarting,
-    #[error("not committed: {0}")]
+    /// `unavailable` means nothing was committed, unless the message says
+    /// the outcome is unknown (see `ClusterError`).
+    #[error("{}", unavailable_text(.0))]
     Unavailable(#[from] crate::cluster::ClusterError),
+}
+
+fn unavailable_text(error: &crate::cluster::ClusterError) -> String {
+    if error.not_committed() {
+        format!("not committed: {error}")
+    } else {
+        error.to_string()
+    }
 }
 
 impl RoomError {

@@ -4,6 +4,7 @@
 use crate::helpers::{TestApp, WAIT};
 use crate::nats::{spawn_node, wait_ready, NatsServer};
 use serde_json::{json, Value};
+use std::time::{Duration, Instant};
 
 /// POSTs a message to `room` on `node`, answered within `WAIT`.
 async fn post(node: &TestApp, room: &str, body: Value) -> (u16, Value) {
@@ -62,4 +63,57 @@ async fn a_stalled_nats_makes_the_node_unready_until_it_runs_again() {
     wait_ready(&node, true).await;
     let (status, body) = post(&node, "stall", json!({"data": "after"})).await;
     assert_eq!(status, 201, "{body}");
+}
+
+/// POSTs `body` to `room` until it is committed (the node may still be
+/// healing from a fault), within `WAIT`; returns the offset.
+async fn post_until_committed(node: &TestApp, room: &str, body: Value) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, answer) = post(node, room, body.clone()).await;
+        if status == 201 {
+            return answer["offset"].as_u64().expect("offset");
+        }
+        assert!(Instant::now() < deadline, "{room}: not committed: {answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publish_without_an_answer_is_unknown_and_a_keyed_retry_does_not_duplicate() {
+    let nats = NatsServer::start();
+    let node = spawn_node(&nats, None, &[]).await;
+    let mut ann = node.connect("user=ann").await;
+    ann.join("unknown").await;
+    ann.publish("unknown", json!("before")).await;
+    nats.pause();
+    // Sent at once, before the node can tell that NATS stalled: it reaches
+    // NATS's socket, but no ack comes back.
+    let publish = json!({"type": "publish", "room": "unknown", "key": "k1", "data": "stalled"});
+    let answer = tokio::time::timeout(WAIT, ann.request(publish.clone()))
+        .await
+        .expect("the publish was answered within the bound");
+    assert_eq!(answer["type"], "error", "{answer}");
+    assert_eq!(answer["code"], "unavailable", "{answer}");
+    let text = answer["message"].as_str().unwrap_or("");
+    assert!(
+        text.contains("outcome is unknown") && text.contains("same key"),
+        "{answer}"
+    );
+    nats.resume();
+    wait_ready(&node, true).await;
+    // The retry with the same key (over HTTP: the idle WebSocket may have
+    // been dropped for missed pings meanwhile) gets the one message's offset.
+    let retried =
+        post_until_committed(&node, "unknown", json!({"key": "k1", "data": "stalled"})).await;
+    let (status, page) = node.get_json("/api/rooms/unknown/messages?limit=100").await;
+    assert_eq!(status, 200);
+    let stalled: Vec<u64> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["data"] == "stalled")
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(stalled, vec![retried], "{page}");
 }
