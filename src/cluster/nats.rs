@@ -5,6 +5,7 @@
 //! Nothing here holds room state: rooms ask for their log's bounds, follow it
 //! with an ordered consumer and append through a [`LogAppender`].
 
+use super::feed_report::FeedReport;
 use super::health::JetStreamHealth;
 use super::records::{DirectRecord, RoomEvent};
 use super::subjects::Subjects;
@@ -39,6 +40,12 @@ pub enum ClusterError {
          one may duplicate it)"
     )]
     OutcomeUnknown(String),
+    /// JetStream stored the publish but this node has not applied it yet.
+    #[error(
+        "committed at offset {0}, but this node has not applied it in time; retry \
+         with the same key for its ack (a retry without one duplicates it)"
+    )]
+    NotApplied(u64),
 }
 
 impl ClusterError {
@@ -76,6 +83,7 @@ pub struct Cluster {
     max_age: Duration,
     dedup_window: Duration,
     health: Arc<JetStreamHealth>,
+    feeds: Arc<FeedReport>,
 }
 
 impl Cluster {
@@ -120,6 +128,7 @@ impl Cluster {
         Ok(Cluster {
             health: JetStreamHealth::start(client.clone()),
             client,
+            feeds: FeedReport::start(),
             js,
             subjects: Subjects::new(&settings.cluster.subject_prefix),
             node_id: node_id.to_owned(),
@@ -141,6 +150,16 @@ impl Cluster {
 
     fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// A room's live feed of its log stopped (counted, reported once for all rooms).
+    pub fn feed_lost(&self) {
+        self.feeds.lost();
+    }
+
+    /// A room's live feed of its log runs again.
+    pub fn feed_repaired(&self) {
+        self.feeds.repaired();
     }
 
     fn stream_config(&self, room: &RoomName) -> stream::Config {

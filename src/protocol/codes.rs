@@ -24,7 +24,7 @@ pub enum ErrorCode {
     /// More joins than `limits.max_rooms_per_connection`.
     RoomLimit,
     /// The cluster link (or the store) is down: nothing was committed,
-    /// unless the message says the outcome is unknown (see `ClusterError`).
+    /// unless the message says the outcome is unknown or names the offset.
     Unavailable,
     /// The hub failed (storage error); the request had no effect.
     Internal,

@@ -19,7 +19,7 @@ pub enum RoomError {
     #[error("the room is restarting; try again")]
     Restarting,
     /// `unavailable` means nothing was committed, unless the message says
-    /// the outcome is unknown (see `ClusterError`).
+    /// the outcome is unknown or names the offset it was committed at.
     #[error("{}", unavailable_text(.0))]
     Unavailable(#[from] crate::cluster::ClusterError),
 }
