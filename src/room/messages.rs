@@ -185,3 +185,35 @@ pub(crate) struct WriteFailure {
     pub generation: u64,
     pub error: StoreError,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::ClusterError;
+
+    #[test]
+    fn unavailable_says_whether_anything_was_committed() {
+        let refused = RoomError::Unavailable(ClusterError::LinkDown);
+        assert!(
+            refused.to_string().starts_with("not committed"),
+            "{refused}"
+        );
+        let unknown = RoomError::Unavailable(ClusterError::OutcomeUnknown("timed out".into()));
+        let text = unknown.to_string();
+        assert!(
+            text.contains("outcome is unknown") && text.contains("same key"),
+            "{text}"
+        );
+        assert!(!text.contains("not committed"), "{text}");
+        let late = RoomError::Unavailable(ClusterError::NotApplied(7));
+        let text = late.to_string();
+        assert!(
+            text.contains("committed at offset 7") && text.contains("same key"),
+            "{text}"
+        );
+        assert!(!text.contains("not committed"), "{text}");
+        for error in [refused, unknown, late] {
+            assert_eq!(error.code(), ErrorCode::Unavailable);
+        }
+    }
+}

@@ -32,6 +32,9 @@ pub(super) struct Feed {
     behind_since: Option<Instant>,
     /// A new consumer is being made.
     repairing: bool,
+    /// A repair is due at the next tick: the last attempt failed, or the
+    /// feed ended while the link was down (nothing else would report it).
+    retry: bool,
     /// The feed is known to have stopped (counted once in the node's report).
     lost: bool,
     /// Offsets committed for this node's publishes whose acks may still
@@ -85,9 +88,8 @@ impl RoomActor {
         self.feed_failed(ctx, &"the cluster log ended");
     }
 
-    /// Each maintenance tick: acks waiting too long are answered, a lost
-    /// feed is repaired again (an earlier attempt may have failed), and a
-    /// stalled one is taken for lost.
+    /// Each maintenance tick: acks waiting too long are answered, a failed
+    /// repair is tried again, and a stalled feed is taken for lost.
     pub(super) fn check_feed(&mut self, ctx: &mut Context<Self>) {
         let Some(durable) = self.log.as_ref().map(|log| log.durable) else {
             return;
@@ -108,7 +110,7 @@ impl RoomActor {
         if stalled {
             self.feed.behind_since = Some(Instant::now());
             self.feed_failed(ctx, &"committed publishes were not delivered");
-        } else if self.feed.lost {
+        } else if self.feed.retry {
             self.repair_feed(ctx);
         }
     }
@@ -119,11 +121,19 @@ impl RoomActor {
         let (Some(cluster), Some(log)) = (self.context.cluster.clone(), self.log.as_ref()) else {
             return;
         };
-        // While the link is down the consumer re-creates itself on reconnect.
-        if self.feed.repairing || !cluster.is_linked() {
+        if self.feed.repairing {
+            return;
+        }
+        if !cluster.is_linked() {
+            // A feed still there re-creates its consumer on reconnect, and
+            // reports missed heartbeats again (every 10 s) if that fails: a
+            // repair now would make a second consumer per room on every NATS
+            // restart. Only an ended feed needs the next tick to retry.
+            self.feed.retry = self.feed.handle.is_none();
             return;
         }
         self.feed.repairing = true;
+        self.feed.retry = false;
         let (room, from) = (self.name.clone(), log.last_assigned + 1);
         let follow = async move { cluster.follow(&room, from).await };
         ctx.spawn(follow.into_actor(self).map(|result, act, ctx| {
@@ -134,6 +144,7 @@ impl RoomActor {
                     act.feed_restored();
                 }
                 Err(error) => {
+                    act.feed.retry = true;
                     tracing::debug!(room = %act.name, %error, "cluster feed not repaired yet")
                 }
             }
