@@ -14,6 +14,8 @@
 //! Standalone (no NATS URL) is the absence of a [`Cluster`]: rooms sequence
 //! their own offsets and nothing here runs.
 
+mod feed_report;
+mod health;
 mod nats;
 mod records;
 mod subjects;

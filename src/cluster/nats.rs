@@ -5,6 +5,8 @@
 //! Nothing here holds room state: rooms ask for their log's bounds, follow it
 //! with an ordered consumer and append through a [`LogAppender`].
 
+use super::feed_report::FeedReport;
+use super::health::JetStreamHealth;
 use super::records::{DirectRecord, RoomEvent};
 use super::subjects::Subjects;
 use crate::config::Settings;
@@ -15,6 +17,7 @@ use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use futures_util::stream::FuturesOrdered;
 use futures_util::StreamExt;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -29,11 +32,31 @@ pub enum ClusterError {
     LinkDown,
     #[error("cluster log: {0}")]
     Log(String),
+    /// The publish went to JetStream but no answer came: it may or may not
+    /// have been committed. Only a retry with the same `key` is safe.
+    #[error(
+        "the outcome is unknown: the cluster log did not answer in time ({0}), so the \
+         message may have been committed; retry with the same key (a retry without \
+         one may duplicate it)"
+    )]
+    OutcomeUnknown(String),
+    /// JetStream stored the publish but this node has not applied it yet.
+    #[error(
+        "committed at offset {0}, but this node has not applied it in time; retry \
+         with the same key for its ack (a retry without one duplicates it)"
+    )]
+    NotApplied(u64),
 }
 
 impl ClusterError {
     fn log(e: impl std::fmt::Display) -> Self {
         ClusterError::Log(e.to_string())
+    }
+
+    /// Whether nothing was committed (the answer `unavailable` means that
+    /// unless the message says otherwise).
+    pub fn not_committed(&self) -> bool {
+        matches!(self, ClusterError::LinkDown | ClusterError::Log(_))
     }
 }
 
@@ -59,6 +82,8 @@ pub struct Cluster {
     max_per_room: i64,
     max_age: Duration,
     dedup_window: Duration,
+    health: Arc<JetStreamHealth>,
+    feeds: Arc<FeedReport>,
 }
 
 impl Cluster {
@@ -101,7 +126,9 @@ impl Cluster {
         let ttl = settings.history.ttl_secs;
         let dedup = settings.history.dedup_window_secs.max(1);
         Ok(Cluster {
+            health: JetStreamHealth::start(client.clone()),
             client,
+            feeds: FeedReport::start(),
             js,
             subjects: Subjects::new(&settings.cluster.subject_prefix),
             node_id: node_id.to_owned(),
@@ -116,8 +143,23 @@ impl Cluster {
         &self.node_id
     }
 
+    /// Connected, and JetStream answers: publishes can be committed.
     pub fn is_linked(&self) -> bool {
+        self.is_connected() && self.health.is_ok()
+    }
+
+    fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// A room's live feed of its log stopped (counted, reported once for all rooms).
+    pub fn feed_lost(&self) {
+        self.feeds.lost();
+    }
+
+    /// A room's live feed of its log runs again.
+    pub fn feed_repaired(&self) {
+        self.feeds.repaired();
     }
 
     fn stream_config(&self, room: &RoomName) -> stream::Config {
@@ -139,11 +181,18 @@ impl Cluster {
         if !self.is_linked() {
             return Err(ClusterError::LinkDown);
         }
-        let stream = self
-            .js
-            .get_or_create_stream(self.stream_config(room))
-            .await
-            .map_err(ClusterError::log)?;
+        let config = self.stream_config(room);
+        let name = config.name.clone();
+        let stream = match self.js.get_or_create_stream(config).await {
+            Ok(stream) => stream,
+            // Another node made it at the same moment (JetStream then says
+            // "already in use" or "subjects overlap", 10058/10065): use theirs.
+            Err(error) => self
+                .js
+                .get_stream(name)
+                .await
+                .map_err(|_| ClusterError::log(error))?,
+        };
         let info = stream.cached_info();
         let epoch = (info.created.unix_timestamp_nanos() / 1_000_000).max(1) as u64;
         let last = info.state.last_sequence;
@@ -300,6 +349,7 @@ async fn run_appender(
                 if let Some(key) = &append.key {
                     headers.insert(async_nats::header::NATS_MESSAGE_ID, key.as_str());
                 }
+                // An error here means the client never took the publish.
                 let sent = js
                     .publish_with_headers(subject.clone(), headers, append.payload)
                     .await;
@@ -309,8 +359,8 @@ async fn run_appender(
                         Err(e) => Err(ClusterError::log(e)),
                         Ok(ack) => match tokio::time::timeout(ACK_TIMEOUT, ack).await {
                             Ok(Ok(ack)) => Ok(ack.sequence),
-                            Ok(Err(e)) => Err(ClusterError::log(e)),
-                            Err(_) => Err(ClusterError::LinkDown),
+                            Ok(Err(e)) => Err(ack_failure(e)),
+                            Err(_) => Err(ClusterError::OutcomeUnknown("no ack".into())),
                         },
                     };
                     (result, done)
@@ -321,6 +371,19 @@ async fn run_appender(
     }
     while let Some((result, done)) = in_flight.next().await {
         done(result);
+    }
+}
+
+/// Why a publish that was handed to NATS got no ack. Without an answer (a
+/// timeout, or the reply subscription gone with the connection) JetStream
+/// may have stored it; an answer that refuses it means it was not.
+fn ack_failure(error: jetstream::context::PublishError) -> ClusterError {
+    use jetstream::context::PublishErrorKind;
+    match error.kind() {
+        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
+            ClusterError::OutcomeUnknown(error.to_string())
+        }
+        _ => ClusterError::log(error),
     }
 }
 

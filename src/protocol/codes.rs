@@ -23,7 +23,8 @@ pub enum ErrorCode {
     RateLimited,
     /// More joins than `limits.max_rooms_per_connection`.
     RoomLimit,
-    /// The cluster link is down: nothing was committed.
+    /// The cluster link (or the store) is down: nothing was committed,
+    /// unless the message says the outcome is unknown or names the offset.
     Unavailable,
     /// The hub failed (storage error); the request had no effect.
     Internal,

@@ -18,8 +18,18 @@ pub enum RoomError {
     Store(#[from] StoreError),
     #[error("the room is restarting; try again")]
     Restarting,
-    #[error("not committed: {0}")]
+    /// `unavailable` means nothing was committed, unless the message says
+    /// the outcome is unknown or names the offset it was committed at.
+    #[error("{}", unavailable_text(.0))]
     Unavailable(#[from] crate::cluster::ClusterError),
+}
+
+fn unavailable_text(error: &crate::cluster::ClusterError) -> String {
+    if error.not_committed() {
+        format!("not committed: {error}")
+    } else {
+        error.to_string()
+    }
 }
 
 impl RoomError {
@@ -174,4 +184,36 @@ pub(crate) struct Persisted {
 pub(crate) struct WriteFailure {
     pub generation: u64,
     pub error: StoreError,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::ClusterError;
+
+    #[test]
+    fn unavailable_says_whether_anything_was_committed() {
+        let refused = RoomError::Unavailable(ClusterError::LinkDown);
+        assert!(
+            refused.to_string().starts_with("not committed"),
+            "{refused}"
+        );
+        let unknown = RoomError::Unavailable(ClusterError::OutcomeUnknown("timed out".into()));
+        let text = unknown.to_string();
+        assert!(
+            text.contains("outcome is unknown") && text.contains("same key"),
+            "{text}"
+        );
+        assert!(!text.contains("not committed"), "{text}");
+        let late = RoomError::Unavailable(ClusterError::NotApplied(7));
+        let text = late.to_string();
+        assert!(
+            text.contains("committed at offset 7") && text.contains("same key"),
+            "{text}"
+        );
+        assert!(!text.contains("not committed"), "{text}");
+        for error in [refused, unknown, late] {
+            assert_eq!(error.code(), ErrorCode::Unavailable);
+        }
+    }
 }

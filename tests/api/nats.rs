@@ -67,9 +67,30 @@ impl NatsServer {
     /// Kills the server at once (a crash, or a lost link as nodes see it).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // SIGKILL ends a paused (SIGSTOPped) server too.
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Freezes the server (SIGSTOP): its connections stay open but nothing
+    /// answers, as with a stalled or overloaded server.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("nats-server is running");
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} nats-server");
     }
 
     /// Starts it again on the same port, with the same JetStream store.

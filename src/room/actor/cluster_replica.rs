@@ -29,6 +29,7 @@ impl RoomActor {
         if self.log.is_none() && !self.syncing {
             self.start_sync(ctx);
         }
+        self.check_feed(ctx);
         self.release_parked_joins(ctx);
     }
 
@@ -82,6 +83,11 @@ impl RoomActor {
             act.syncing = false;
             match result {
                 Ok(synced) => act.synced(ctx, synced),
+                // While the link is down every starting room fails here each
+                // second: the link's own report says why, once.
+                Err(error) if !act.context.cluster.as_ref().is_some_and(|c| c.is_linked()) => {
+                    tracing::debug!(room = %act.name, %error, "room not caught up with the cluster; retrying")
+                }
                 Err(error) => {
                     tracing::warn!(room = %act.name, %error, "room not caught up with the cluster; retrying")
                 }
@@ -107,7 +113,7 @@ impl RoomActor {
                 log.push_tail(message);
             }
         }
-        ctx.add_stream(follow);
+        self.follow_feed(ctx, follow);
         ctx.add_stream(events);
         self.appender = Some(cluster.appender(&self.name));
         cluster.send_room_event(
@@ -191,8 +197,8 @@ impl Handler<Committed> for RoomActor {
     type Result = ();
 
     fn handle(&mut self, msg: Committed, _ctx: &mut Context<Self>) {
-        match self.log.as_mut() {
-            Some(log) if msg.offset > log.durable => log.waiting_acks.push((msg.offset, msg.reply)),
+        match self.log.as_ref() {
+            Some(log) if msg.offset > log.durable => self.await_delivery(msg.offset, msg.reply),
             _ => self.reply_ack(msg.reply, msg.offset),
         }
     }
@@ -203,9 +209,8 @@ impl StreamHandler<LogMessage> for RoomActor {
     fn handle(&mut self, item: LogMessage, ctx: &mut Context<Self>) {
         let record = match item {
             Ok(record) => record,
-            Err(error) => {
-                return tracing::warn!(room = %self.name, %error, "cluster log delivery");
-            }
+            // Missed heartbeats: the consumer is gone, or NATS is in trouble.
+            Err(error) => return self.feed_failed(ctx, &error),
         };
         let Ok(seq) = record.info().map(|info| info.stream_sequence) else {
             return tracing::warn!(room = %self.name, "a cluster record without JetStream info");
@@ -222,13 +227,14 @@ impl StreamHandler<LogMessage> for RoomActor {
                 }
             }
         }
+        self.feed_progressed();
     }
 
     /// The ordered consumer gave up (it retries through link losses, so this
-    /// is rare): catch up again from what is stored.
+    /// is rare): follow again from the record after the last one applied.
+    /// (A feed replaced by a repair is cancelled and does not end here.)
     fn finished(&mut self, ctx: &mut Context<Self>) {
-        tracing::warn!(room = %self.name, "cluster log ended; catching up again");
-        self.close(ctx);
+        self.feed_ended(ctx);
     }
 }
 

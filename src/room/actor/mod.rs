@@ -37,12 +37,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod cluster_feed;
 mod cluster_replica;
 mod fanout;
 mod log_state;
 mod publish;
 mod reads;
 
+use cluster_feed::Feed;
 use log_state::{DurableSignal, LogState, Pending};
 use reads::JoinReply;
 
@@ -94,6 +96,8 @@ pub struct RoomActor {
     appender: Option<LogAppender>,
     /// Cluster mode: a catch-up is under way.
     syncing: bool,
+    /// Cluster mode: the live feed of the room's log, watched and repaired.
+    feed: Feed,
     /// Cluster mode: when this node last told the others its presence.
     announced: Instant,
     /// Cluster mode: joins resuming from an offset not applied here yet.
@@ -120,6 +124,7 @@ impl RoomActor {
             empty_since: Some(Instant::now()),
             appender: None,
             syncing: false,
+            feed: Feed::default(),
             announced: Instant::now(),
             parked_joins: Vec::new(),
         }

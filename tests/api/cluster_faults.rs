@@ -1,0 +1,255 @@
+//! Cluster mode under NATS faults (real nats-server, real hub processes): a
+//! room's consumer deleted behind the hub's back, a stalled server (SIGSTOP),
+//! an outage with several live rooms, and a new room used on three nodes at
+//! the same instant. Every wait is bounded.
+
+use crate::helpers::{TestApp, TestClient, WAIT};
+use crate::nats::{spawn_node, wait_ready, NatsServer};
+use async_nats::jetstream;
+use futures_util::TryStreamExt;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// The JetStream stream that holds `room`'s cluster log (found by the
+/// description the hub gives it, so the test need not know its naming).
+async fn room_stream(js: &jetstream::Context, room: &str) -> jetstream::stream::Stream {
+    let description = format!("roomhub room {room}");
+    let infos: Vec<_> = js.streams().try_collect().await.expect("list streams");
+    let info = infos
+        .into_iter()
+        .find(|info| info.config.description.as_deref() == Some(description.as_str()))
+        .expect("the room has a stream");
+    js.get_stream(&info.config.name).await.expect("get stream")
+}
+
+/// The next `message` frame of `room`, within `WAIT`.
+async fn next_message(client: &mut TestClient, room: &str) -> Value {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let frame = client.next().await;
+            if frame["type"] == "message" && frame["room"] == room {
+                return frame;
+            }
+        }
+    })
+    .await
+    .expect("no message within the bound")
+}
+
+/// POSTs a message to `room` on `node`, answered within `WAIT`.
+async fn post(node: &TestApp, room: &str, body: Value) -> (u16, Value) {
+    let resp = tokio::time::timeout(
+        WAIT,
+        node.post(&format!("/api/rooms/{room}/messages"), body),
+    )
+    .await
+    .expect("the publish was answered within the bound");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// POSTs `body` to `room` until it is committed (the node may still be
+/// healing from a fault), within `WAIT`; returns the offset.
+async fn post_until_committed(node: &TestApp, room: &str, body: Value) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, answer) = post(node, room, body.clone()).await;
+        if status == 201 {
+            return answer["offset"].as_u64().expect("offset");
+        }
+        assert!(Instant::now() < deadline, "{room}: not committed: {answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_room_whose_consumer_vanishes_repairs_its_feed() {
+    let nats = NatsServer::start();
+    let node = spawn_node(&nats, None, &[]).await;
+    let mut ann = node.connect("user=ann").await;
+    ann.join("deaf").await;
+    let before = ann.publish("deaf", json!("before")).await;
+    // Behind the hub's back: every consumer of the room's stream goes.
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = jetstream::new(client);
+    let stream = room_stream(&js, "deaf").await;
+    let consumers: Vec<String> = stream.consumer_names().try_collect().await.unwrap();
+    assert!(!consumers.is_empty(), "the node follows the room");
+    for consumer in &consumers {
+        stream
+            .delete_consumer(consumer)
+            .await
+            .expect("delete consumer");
+    }
+    // The next publish is delivered and acked, within the bound (ann reads
+    // meanwhile, so her session keeps answering the hub's pings).
+    let ((status, body), got) = tokio::join!(
+        post(&node, "deaf", json!({"data": "after"})),
+        next_message(&mut ann, "deaf"),
+    );
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["offset"], before + 1, "{body}");
+    assert_eq!(got["offset"], before + 1);
+    // And the room keeps working afterwards.
+    let next = ann.publish("deaf", json!("later")).await;
+    assert_eq!(next, before + 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_nats_makes_the_node_unready_until_it_runs_again() {
+    let nats = NatsServer::start();
+    let node = spawn_node(&nats, None, &[]).await;
+    let (status, body) = post(&node, "stall", json!({"data": "before"})).await;
+    assert_eq!(status, 201, "{body}");
+    nats.pause();
+    wait_ready(&node, false).await;
+    // Refused before reaching NATS: truly not committed.
+    let (status, body) = post(&node, "stall", json!({"data": "during"})).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not committed"),
+        "{body}"
+    );
+    nats.resume();
+    wait_ready(&node, true).await;
+    let (status, body) = post(&node, "stall", json!({"data": "after"})).await;
+    assert_eq!(status, 201, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publish_without_an_answer_is_unknown_and_a_keyed_retry_does_not_duplicate() {
+    let nats = NatsServer::start();
+    let node = spawn_node(&nats, None, &[]).await;
+    let mut ann = node.connect("user=ann").await;
+    ann.join("unknown").await;
+    ann.publish("unknown", json!("before")).await;
+    nats.pause();
+    // Sent at once, before the node can tell that NATS stalled: it reaches
+    // NATS's socket, but no ack comes back.
+    let publish = json!({"type": "publish", "room": "unknown", "key": "k1", "data": "stalled"});
+    let answer = tokio::time::timeout(WAIT, ann.request(publish.clone()))
+        .await
+        .expect("the publish was answered within the bound");
+    assert_eq!(answer["type"], "error", "{answer}");
+    assert_eq!(answer["code"], "unavailable", "{answer}");
+    let text = answer["message"].as_str().unwrap_or("");
+    assert!(
+        text.contains("outcome is unknown") && text.contains("same key"),
+        "{answer}"
+    );
+    nats.resume();
+    wait_ready(&node, true).await;
+    // The retry with the same key (over HTTP: the idle WebSocket may have
+    // been dropped for missed pings meanwhile) gets the one message's offset.
+    let retried =
+        post_until_committed(&node, "unknown", json!({"key": "k1", "data": "stalled"})).await;
+    let (status, page) = node.get_json("/api/rooms/unknown/messages?limit=100").await;
+    assert_eq!(status, 200);
+    let stalled: Vec<u64> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["data"] == "stalled")
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(stalled, vec![retried], "{page}");
+}
+
+/// Keeps `client` reading (so it answers the hub's pings) until `stop`.
+fn keep_reading(
+    mut client: TestClient,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                frame = client.try_next() => if frame.is_none() { return },
+            }
+        }
+    })
+}
+
+/// The rooms counted by the "N rooms lost their cluster feed" lines of `log`.
+fn rooms_reported_lost(log: &str) -> usize {
+    const LOST: &str = " rooms lost their cluster feed";
+    log.lines()
+        .filter_map(|line| line.find(LOST).map(|at| &line[..at]))
+        .filter_map(|head| head.rsplit(' ').next()?.parse::<usize>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outage_is_logged_once_with_counts_not_per_room() {
+    const ROOMS: usize = 6;
+    let mut nats = NatsServer::start();
+    let node = spawn_node(&nats, None, &[]).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut readers = Vec::new();
+    for i in 0..ROOMS {
+        let mut member = node.connect(&format!("user=m{i}")).await;
+        member.join(&format!("calm-{i}")).await;
+        member.publish(&format!("calm-{i}"), json!("before")).await;
+        readers.push(keep_reading(member, stopped.clone()));
+    }
+    let logged_before = node.log.lock().unwrap().len();
+    nats.stop();
+    wait_ready(&node, false).await;
+    // Long enough for every room's consumer to miss its heartbeats (10 s),
+    // and for the report (every 5 s) to count them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rooms_reported_lost(&node.log.lock().unwrap()[logged_before..]) < ROOMS {
+        assert!(
+            Instant::now() < deadline,
+            "no summary of the lost feeds:\n{}",
+            &node.log.lock().unwrap()[logged_before..]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    nats.restart();
+    wait_ready(&node, true).await;
+    for i in 0..ROOMS {
+        let room = format!("calm-{i}");
+        post_until_committed(&node, &room, json!({"data": "after"})).await;
+    }
+    let _ = stop.send(true);
+    for reader in readers {
+        reader.await.expect("reader");
+    }
+    let log = node.log.lock().unwrap()[logged_before..].to_owned();
+    assert_eq!(rooms_reported_lost(&log), ROOMS, "{log}");
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+    // The log not answering, the rooms' feeds: a few lines, not one per room.
+    assert!(warnings.len() < ROOMS, "{}", warnings.join("\n"));
+    assert!(
+        !warnings.iter().any(|l| l.contains("room=")),
+        "{}",
+        warnings.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_room_used_on_three_nodes_at_once_takes_every_publish() {
+    let nats = NatsServer::start();
+    let nodes = [
+        spawn_node(&nats, None, &[]).await,
+        spawn_node(&nats, None, &[]).await,
+        spawn_node(&nats, None, &[]).await,
+    ];
+    // Every room new, all at once on every node: stream creations race
+    // each other, as under load.
+    const ROOMS: usize = 200;
+    let publishes = (0..ROOMS).flat_map(|round| {
+        nodes.iter().enumerate().map(move |(n, node)| async move {
+            let room = format!("race-{round}");
+            let (status, body) = post(node, &room, json!({"data": {"node": n}})).await;
+            (room, status, body)
+        })
+    });
+    for (room, status, body) in futures_util::future::join_all(publishes).await {
+        assert_eq!(status, 201, "{room}: {body}");
+    }
+}
