@@ -48,13 +48,16 @@ impl Application {
                     .with_context(|| format!("starting the cluster link to {url}"))?,
             )),
         };
+        let hooks = crate::hooks::Hooks::new(&settings.hooks, &node_id, &metrics)?;
         let state = web::Data::new(AppState::new(
             settings.clone(),
             node_id,
             store.clone() as Arc<dyn HistoryStore>,
             metrics,
             cluster.clone(),
+            hooks,
         ));
+        state.hooks.start();
         if let Some(cluster) = cluster {
             actix_web::rt::spawn(crate::cluster::relay_directs(
                 cluster,

@@ -1,0 +1,217 @@
+//! Backend hooks (PROTOCOL.md "Backend hooks"): a real HTTP backend runs in
+//! the test process (actix-web on a free loopback port, on its own thread),
+//! scripted per test, and records every request it gets; the hub is the
+//! real binary.
+
+use crate::helpers::{bin, TestApp, WAIT};
+use ring::hmac;
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const SECRET: &str = "hook-secret";
+
+/// One request the backend got.
+#[derive(Debug, Clone)]
+struct Got {
+    path: String,
+    headers: Vec<(String, String)>,
+    raw: Vec<u8>,
+    body: Value,
+}
+
+impl Got {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What the backend answers: status, JSON body, and a delay before it.
+type Script = dyn Fn(&Got) -> (u16, Value, Duration) + Send + Sync;
+
+struct Backend {
+    addr: std::net::SocketAddr,
+    got: Arc<Mutex<Vec<Got>>>,
+    server: actix_web::dev::ServerHandle,
+}
+
+impl Backend {
+    fn start(script: impl Fn(&Got) -> (u16, Value, Duration) + Send + Sync + 'static) -> Backend {
+        use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+        let script: Arc<Script> = Arc::new(script);
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind backend");
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (script2, got2) = (script.clone(), got.clone());
+        std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let server = HttpServer::new(move || {
+                    let (script, got) = (script2.clone(), got2.clone());
+                    App::new().default_service(web::to(move |req: HttpRequest, raw: web::Bytes| {
+                        let (script, got) = (script.clone(), got.clone());
+                        async move {
+                            let request = Got {
+                                path: req.path().to_owned(),
+                                headers: req
+                                    .headers()
+                                    .iter()
+                                    .map(|(k, v)| {
+                                        (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned())
+                                    })
+                                    .collect(),
+                                body: serde_json::from_slice(&raw).unwrap_or(Value::Null),
+                                raw: raw.to_vec(),
+                            };
+                            let (status, answer, delay) = script(&request);
+                            got.lock().unwrap().push(request);
+                            if !delay.is_zero() {
+                                // The scripted backend being slow, not a wait.
+                                actix_web::rt::time::sleep(delay).await;
+                            }
+                            HttpResponse::build(
+                                actix_web::http::StatusCode::from_u16(status).unwrap(),
+                            )
+                            .json(answer)
+                        }
+                    }))
+                })
+                .workers(1)
+                .listen(listener)
+                .expect("listen")
+                .run();
+                tx.send(server.handle()).unwrap();
+                let _ = server.await;
+            });
+        });
+        let server = rx.recv_timeout(WAIT).expect("backend started");
+        Backend { addr, got, server }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    fn got(&self) -> Vec<Got> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded polling) until the requests so far satisfy `done`.
+    async fn wait_for(&self, what: &str, done: impl Fn(&[Got]) -> bool) -> Vec<Got> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let got = self.got();
+            if done(&got) {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backend never got {what}: {got:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let server = self.server.clone();
+        std::thread::spawn(move || {
+            let _ = actix_web::rt::System::new().block_on(server.stop(false));
+        });
+    }
+}
+
+fn ok(body: Value) -> (u16, Value, Duration) {
+    (200, body, Duration::ZERO)
+}
+
+/// Checks a request's signature with the secret, as a backend would.
+fn signed(got: &Got) -> bool {
+    let Some(signature) = got.header("x-roomhub-signature") else {
+        return false;
+    };
+    let Some(hex) = signature.strip_prefix("sha256=") else {
+        return false;
+    };
+    let key = hmac::Key::new(hmac::HMAC_SHA256, SECRET.as_bytes());
+    let tag: Vec<u8> = (0..hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    hex.len() == 64
+        && hex.bytes().all(|b| !b.is_ascii_uppercase())
+        && hmac::verify(&key, &got.raw, &tag).is_ok()
+}
+
+async fn hub(hooks: &[(&str, String)], extra: &[(&str, &str)]) -> TestApp {
+    let mut env: Vec<(&str, &str)> = vec![("ROOMHUB_HOOKS__SECRET", SECRET)];
+    env.extend(hooks.iter().map(|(k, v)| (*k, v.as_str())));
+    env.extend(extra);
+    TestApp::spawn_with(&env).await
+}
+
+fn check_config(env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin())
+        .current_dir(dir.path())
+        .arg("check-config")
+        .env_remove("ROOMHUB_CONFIG")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run roomhub");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+#[test]
+fn a_hook_url_without_a_secret_or_a_bad_hook_setting_stops_start_up() {
+    let url = "http://127.0.0.1:9/hook";
+    for key in ["CONNECT_URL", "PUBLISH_URL", "EVENTS_URL"] {
+        let var = format!("ROOMHUB_HOOKS__{key}");
+        let (code, text) = check_config(&[(&var, url)]);
+        assert_eq!(code, Some(2), "{var}: {text}");
+        assert!(text.contains("hooks.secret"), "{var}: {text}");
+    }
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (
+            &[
+                ("ROOMHUB_HOOKS__CONNECT_URL", "ftp://x/y"),
+                ("ROOMHUB_HOOKS__SECRET", "s"),
+            ],
+            "hooks.connect_url",
+        ),
+        (
+            &[
+                ("ROOMHUB_HOOKS__EVENTS_URL", "not a url"),
+                ("ROOMHUB_HOOKS__SECRET", "s"),
+            ],
+            "hooks.events_url",
+        ),
+        (
+            &[("ROOMHUB_HOOKS__EVENTS", "message,room_burst")],
+            "hooks.events",
+        ),
+        (&[("ROOMHUB_HOOKS__TIMEOUT_MS", "0")], "hooks.timeout_ms"),
+    ];
+    for (env, key) in cases {
+        let (code, text) = check_config(env);
+        assert_eq!(code, Some(2), "{env:?}: {text}");
+        assert!(text.contains(key), "{env:?}: {key} not in {text}");
+    }
+    // Valid, and the secret is never printed.
+    let (code, text) = check_config(&[
+        ("ROOMHUB_HOOKS__PUBLISH_URL", url),
+        ("ROOMHUB_HOOKS__SECRET", "do-not-print"),
+        ("ROOMHUB_HOOKS__EVENTS", "message,user_joined"),
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(!text.contains("do-not-print"), "{text}");
+    assert!(text.contains("<redacted>"), "{text}");
+}
