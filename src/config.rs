@@ -418,10 +418,13 @@ impl Settings {
             self.limits.outbound_queue as u64,
             1,
         )?;
-        if !self.auth.anonymous && self.auth.jwt_secret.is_empty() {
+        if !self.auth.anonymous
+            && self.auth.jwt_secret.is_empty()
+            && self.hooks.connect_url.is_empty()
+        {
             return Err((
                 "auth.anonymous",
-                "is false but auth.jwt_secret is empty: nobody could connect".into(),
+                "is false but auth.jwt_secret and hooks.connect_url are empty: nobody could connect".into(),
             ));
         }
         if let Some(id) = &self.server.node_id {

@@ -131,7 +131,10 @@ impl EventQueue {
     /// The next batch: its body and the last sequence number it holds.
     fn batch(&self) -> Option<(Vec<u8>, u64)> {
         let waiting = self.waiting.lock();
-        let last = waiting.events.iter().take(MAX_BATCH).last()?.seq;
+        let last = waiting
+            .events
+            .get(waiting.events.len().min(MAX_BATCH).checked_sub(1)?)?
+            .seq;
         let mut body = String::from("{\"node\":");
         body.push_str(&Value::from(self.node.as_str()).to_string());
         body.push_str(",\"events\":[");

@@ -87,6 +87,7 @@ impl WsSession {
             room: auto_join,
             peer,
             permit,
+            connect: _,
         } = admission;
         let limits = &state.settings.limits;
         // Counted here and uncounted in `Drop`, so the two always pair.

@@ -100,6 +100,7 @@ impl Backend {
     }
 
     /// Waits (bounded polling) until the requests so far satisfy `done`.
+    #[allow(dead_code)] // used by the event tests
     async fn wait_for(&self, what: &str, done: impl Fn(&[Got]) -> bool) -> Vec<Got> {
         let deadline = Instant::now() + WAIT;
         loop {
@@ -120,7 +121,7 @@ impl Drop for Backend {
     fn drop(&mut self) {
         let server = self.server.clone();
         std::thread::spawn(move || {
-            let _ = actix_web::rt::System::new().block_on(server.stop(false));
+            actix_web::rt::System::new().block_on(server.stop(false));
         });
     }
 }
@@ -214,4 +215,149 @@ fn a_hook_url_without_a_secret_or_a_bad_hook_setting_stops_start_up() {
     assert_eq!(code, Some(0), "{text}");
     assert!(!text.contains("do-not-print"), "{text}");
     assert!(text.contains("<redacted>"), "{text}");
+}
+
+// ---- connect ---------------------------------------------------------------
+
+/// The status and `Retry-After` of a refused upgrade.
+async fn refused(app: &TestApp, query: &str) -> (u16, Option<String>) {
+    let url = format!("ws://{}/ws?{query}", app.addr);
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("upgrade timed out")
+    {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => (
+            response.status().as_u16(),
+            response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned()),
+        ),
+        other => panic!("expected a refusal, got {:?}", other.map(|_| "an upgrade")),
+    }
+}
+
+#[tokio::test]
+async fn the_connect_hook_names_the_user_and_sees_query_and_headers_but_no_token() {
+    let backend = Backend::start(|_| ok(json!({"user": "alice"})));
+    // No anonymous access and no JWT secret: only the hook lets anyone in.
+    let app = hub(
+        &[("ROOMHUB_HOOKS__CONNECT_URL", backend.url("/connect"))],
+        &[("ROOMHUB_AUTH__ANONYMOUS", "false")],
+    )
+    .await;
+    let url = format!(
+        "ws://{}/ws?user=bob&room=lobby&token=secret-token&x=1",
+        app.addr
+    );
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .unwrap();
+    let headers = request.headers_mut();
+    headers.insert("cookie", "session=abc".parse().unwrap());
+    headers.insert("origin", "http://example.test".parse().unwrap());
+    headers.insert("user-agent", "hook-test".parse().unwrap());
+    headers.insert("x-other", "not forwarded".parse().unwrap());
+    let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("connect timed out")
+        .expect("upgrade accepted");
+    use futures_util::StreamExt;
+    let welcome = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let welcome: Value = serde_json::from_str(welcome.to_text().unwrap()).unwrap();
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    assert_eq!(welcome["user"], "alice", "the backend's user, not ?user=");
+    let got = backend.got();
+    assert_eq!(got.len(), 1, "{got:#?}");
+    let event = &got[0];
+    assert_eq!(event.path, "/connect");
+    assert!(signed(event), "signature does not verify: {event:#?}");
+    assert_eq!(event.header("content-type"), Some("application/json"));
+    assert!(event.header("authorization").is_none());
+    let body = &event.body;
+    assert_eq!(body["event"], "connect");
+    assert_eq!(body["node"], welcome["node"]);
+    assert_eq!(body["ip"], "127.0.0.1");
+    assert_eq!(body["user"], "bob");
+    assert_eq!(
+        body["query"],
+        json!({"user": "bob", "room": "lobby", "x": "1"})
+    );
+    assert_eq!(
+        body["headers"],
+        json!({"cookie": "session=abc", "origin": "http://example.test", "user-agent": "hook-test"})
+    );
+    assert!(!String::from_utf8_lossy(&event.raw).contains("secret-token"));
+}
+
+#[tokio::test]
+async fn the_connect_hook_may_limit_rooms_and_a_token_is_checked_first() {
+    let backend = Backend::start(|got| {
+        // The token's subject reaches the backend as `user`.
+        let user = got.body["user"].as_str().unwrap_or("nobody").to_owned();
+        ok(json!({"user": format!("{user}-2"), "rooms": ["team-*"]}))
+    });
+    let app = hub(
+        &[("ROOMHUB_HOOKS__CONNECT_URL", backend.url("/c"))],
+        &[("ROOMHUB_AUTH__JWT_SECRET", "jwt")],
+    )
+    .await;
+    let exp = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs())
+        + 600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "carol", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(b"jwt"),
+    )
+    .unwrap();
+    let mut client = app.connect(&format!("token={token}")).await;
+    assert_eq!(client.welcome["user"], "carol-2");
+    client.join("team-a").await;
+    let refused_join = client
+        .request(json!({"type": "join", "room": "other"}))
+        .await;
+    assert_eq!(refused_join["code"], "forbidden", "{refused_join}");
+    // A bad token is refused before the backend is asked.
+    assert_eq!(refused(&app, "token=forged").await.0, 401);
+    assert_eq!(backend.got().len(), 1);
+}
+
+#[tokio::test]
+async fn connect_refusals_and_failures_fail_closed() {
+    let backend = Backend::start(|got| match got.body["user"].as_str() {
+        Some("u401") => (401, json!({}), Duration::ZERO),
+        Some("u403") => (403, json!({}), Duration::ZERO),
+        Some("u500") => (500, json!({}), Duration::ZERO),
+        Some("bad") => ok(json!({"user": "no spaces allowed"})),
+        _ => (200, json!({"user": "late"}), Duration::from_secs(3)),
+    });
+    let app = hub(
+        &[("ROOMHUB_HOOKS__CONNECT_URL", backend.url("/c"))],
+        &[("ROOMHUB_HOOKS__TIMEOUT_MS", "300")],
+    )
+    .await;
+    assert_eq!(refused(&app, "user=u401").await, (401, None));
+    assert_eq!(refused(&app, "user=u403").await, (403, None));
+    for user in ["u500", "bad", "slow"] {
+        let (status, retry) = refused(&app, &format!("user={user}")).await;
+        assert_eq!(status, 503, "{user}");
+        assert!(retry.is_some(), "{user}: no Retry-After");
+    }
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains("roomhub_hook_calls_total{hook=\"connect\"} 5"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("roomhub_hook_failures_total{hook=\"connect\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("roomhub_hook_latency_seconds_count{hook=\"connect\"} 5"));
 }
