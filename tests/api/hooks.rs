@@ -361,3 +361,116 @@ async fn connect_refusals_and_failures_fail_closed() {
     );
     assert!(metrics.contains("roomhub_hook_latency_seconds_count{hook=\"connect\"} 5"));
 }
+
+// ---- publish ---------------------------------------------------------------
+
+/// The publish hook's script: by `data.text`.
+fn moderate(got: &Got) -> (u16, Value, Duration) {
+    match got.body["data"]["text"].as_str().unwrap_or("") {
+        "replace" => ok(json!({"data": {"text": "replaced"}})),
+        "forbid" => (403, json!({"message": "not here"}), Duration::ZERO),
+        "forbid-quietly" => (403, json!({}), Duration::ZERO),
+        "fail" => (500, json!({}), Duration::ZERO),
+        "too-big" => ok(json!({"data": {"text": "x".repeat(200)}})),
+        "timeout" => (200, json!({}), Duration::from_secs(3)),
+        "slow" => (200, json!({}), Duration::from_millis(400)),
+        _ => ok(json!({})),
+    }
+}
+
+async fn publish_hub(backend: &Backend, timeout_ms: &str) -> TestApp {
+    hub(
+        &[("ROOMHUB_HOOKS__PUBLISH_URL", backend.url("/publish"))],
+        &[
+            ("ROOMHUB_HOOKS__TIMEOUT_MS", timeout_ms),
+            ("ROOMHUB_LIMITS__MAX_MESSAGE_BYTES", "100"),
+        ],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_publish_hook_approves_replaces_or_refuses_before_an_offset() {
+    let backend = Backend::start(moderate);
+    let app = publish_hub(&backend, "300").await;
+    let mut watcher = app.connect("user=watcher").await;
+    watcher.join("r").await;
+    let mut c = app.connect("user=pat").await;
+    c.join("r").await;
+    let publish = |text: &str| json!({"type": "publish", "room": "r", "data": {"text": text}});
+    let ack = c
+        .request(json!({"type": "publish", "room": "r", "data": {"text": "hi"}, "key": "k1"}))
+        .await;
+    assert_eq!(ack["offset"], 1, "{ack}");
+    assert_eq!(c.request(publish("replace")).await["offset"], 2);
+    let expect = [
+        ("forbid", "forbidden", Some("not here")),
+        ("forbid-quietly", "forbidden", None),
+        ("fail", "unavailable", None),
+        ("timeout", "unavailable", None),
+        ("too-big", "too_large", None),
+    ];
+    for (text, code, message) in expect {
+        let reply = c.request(publish(text)).await;
+        assert_eq!(reply["type"], "error", "{text}: {reply}");
+        assert_eq!(reply["code"], code, "{text}: {reply}");
+        if let Some(message) = message {
+            assert_eq!(reply["message"], message, "{reply}");
+        }
+    }
+    // Nothing refused was stored: the next offset follows the last stored.
+    assert_eq!(c.request(publish("after")).await["offset"], 3);
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let m = watcher.next_of("message").await;
+        seen.push(m["data"]["text"].clone());
+    }
+    assert_eq!(seen, [json!("hi"), json!("replaced"), json!("after")]);
+    let got = backend.got();
+    let first = &got[0];
+    assert!(signed(first), "{first:#?}");
+    assert_eq!(
+        first.body,
+        json!({"event": "publish", "node": c.welcome["node"], "room": "r", "user": "pat",
+               "data": {"text": "hi"}, "key": "k1"})
+    );
+    // HTTP API publishes (the backend's own) skip the hook.
+    let calls = backend.got().len();
+    let api = app
+        .post("/api/rooms/r/messages", json!({"data": {"text": "forbid"}}))
+        .await;
+    assert!(api.status().is_success(), "{}", api.status());
+    assert_eq!(watcher.next_of("message").await["data"]["text"], "forbid");
+    assert_eq!(backend.got().len(), calls);
+}
+
+#[tokio::test]
+async fn publishes_keep_their_order_per_room_and_a_slow_room_holds_back_only_itself() {
+    let backend = Backend::start(moderate);
+    // Room a's first publish waits 400 ms for its approval, well within the timeout.
+    let app = publish_hub(&backend, "5000").await;
+    let mut c = app.connect("user=pat").await;
+    c.join("a").await;
+    c.join("b").await;
+    for (i, (room, text)) in [("a", "slow"), ("a", "a2"), ("a", "a3"), ("b", "b1")]
+        .iter()
+        .enumerate()
+    {
+        c.send(json!({"type": "publish", "room": room, "data": {"text": text}, "ref": format!("p{i}")}))
+            .await;
+    }
+    let mut acks = Vec::new();
+    let mut messages = Vec::new();
+    while acks.len() < 4 {
+        let frame = c.next().await;
+        match frame["type"].as_str() {
+            Some("ack") => acks.push(frame["ref"].as_str().unwrap().to_owned()),
+            Some("message") => messages.push(frame["data"]["text"].as_str().unwrap().to_owned()),
+            _ => {}
+        }
+    }
+    // Room b was not held back by room a's slow approval.
+    assert_eq!(acks, ["p3", "p0", "p1", "p2"]);
+    let in_a: Vec<&String> = messages.iter().filter(|t| t.as_str() != "b1").collect();
+    assert_eq!(in_a, ["slow", "a2", "a3"]);
+}
