@@ -12,6 +12,7 @@ use super::frames::{Inbound, Violation};
 use super::socket::WsSocket;
 use super::upgrade::Admission;
 use crate::auth::Identity;
+use crate::hooks::events::EventKind;
 use crate::hooks::publish::PublishVerdict;
 use crate::limits::{ConnectionPermit, FrameLimiter};
 use crate::outbound::{error_frame, FrameSink, Outbound, SessionLink};
@@ -26,6 +27,7 @@ use crate::state::{AppState, SocketGuard};
 use actix::prelude::*;
 use actix_http::ws::{self, OpCode};
 use bytestring::ByteString;
+use serde_json::json;
 use serde_json::value::RawValue;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -74,6 +76,8 @@ pub struct WsSession {
     auto_join: Option<RoomName>,
     last_heard: Instant,
     close_reason: &'static str,
+    /// The close code for `session_disconnected`: 1006 unless a close frame went either way.
+    close_code: u16,
     /// Publishes waiting for the publish hook, per room (empty, and never
     /// allocated, without a publish hook).
     held: HashMap<RoomName, VecDeque<HeldPublish>>,
@@ -125,6 +129,7 @@ impl WsSession {
             last_heard: Instant::now(),
             close_reason: "connection dropped",
             held: HashMap::new(),
+            close_code: 1006,
         }
     }
 
@@ -291,6 +296,7 @@ impl WsSession {
         }
         self.closing = true;
         self.close_reason = code.reason();
+        self.close_code = code.code();
         if let Some(socket) = self.socket.as_mut() {
             socket.push_close(Some(ws::CloseReason {
                 code: ws::CloseCode::from(code.code()),
@@ -779,6 +785,10 @@ impl Actor for WsSession {
             protocol: PROTOCOL_VERSION,
         });
         self.write(ctx, welcome);
+        self.state.hooks.emit(EventKind::SessionConnected, || {
+            json!({"session": session, "user": self.user,
+                   "ip": self.peer.map(|p| p.ip().to_string())})
+        });
         // After `welcome`: direct messages go straight to the socket.
         let link = self.link(ctx);
         self.state.directory.register(&self.user, self.id, link);
@@ -832,6 +842,10 @@ impl Drop for WsSession {
         }
         self.state.directory.unregister(&self.user, self.id);
         self.state.metrics.connections.dec();
+        self.state.hooks.emit(
+            EventKind::SessionDisconnected,
+            || json!({"session": self.id.to_string(), "user": self.user, "code": self.close_code}),
+        );
         tracing::info!(session = %self.id, user = %self.user, reason = self.close_reason, "connection closed");
     }
 }
@@ -896,8 +910,10 @@ impl WsSession {
             ),
             Inbound::Ping(payload) => self.write_control(ctx, OpCode::Pong, &payload),
             Inbound::Pong => {}
-            Inbound::Close(_) => {
+            Inbound::Close(reason) => {
                 self.close_reason = "closed by client";
+                // 1005: a close frame without a code.
+                self.close_code = reason.map_or(1005, |r| u16::from(r.code));
                 self.closing = true;
                 if let Some(socket) = self.socket.as_mut() {
                     socket.push_close(None);

@@ -100,7 +100,6 @@ impl Backend {
     }
 
     /// Waits (bounded polling) until the requests so far satisfy `done`.
-    #[allow(dead_code)] // used by the event tests
     async fn wait_for(&self, what: &str, done: impl Fn(&[Got]) -> bool) -> Vec<Got> {
         let deadline = Instant::now() + WAIT;
         loop {
@@ -473,4 +472,130 @@ async fn publishes_keep_their_order_per_room_and_a_slow_room_holds_back_only_its
     assert_eq!(acks, ["p3", "p0", "p1", "p2"]);
     let in_a: Vec<&String> = messages.iter().filter(|t| t.as_str() != "b1").collect();
     assert_eq!(in_a, ["slow", "a2", "a3"]);
+}
+
+// ---- events ----------------------------------------------------------------
+
+/// The events of these requests, in order, each once (a retried batch repeats ids).
+fn unique_events(got: &[Got]) -> Vec<Value> {
+    let mut seen = std::collections::HashSet::new();
+    got.iter()
+        .flat_map(|g| g.body["events"].as_array().cloned().unwrap_or_default())
+        .filter(|e| seen.insert(e["id"].clone()))
+        .collect()
+}
+
+fn ids(got: &Got) -> Vec<Value> {
+    got.body["events"]
+        .as_array()
+        .map(|events| events.iter().map(|e| e["id"].clone()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn events_arrive_signed_in_batches_in_order_and_a_failed_batch_is_retried_with_its_ids() {
+    // The first request fails; every later one is taken.
+    let calls = Arc::new(Mutex::new(0));
+    let counter = calls.clone();
+    let backend = Backend::start(move |_| {
+        let mut n = counter.lock().unwrap();
+        *n += 1;
+        if *n == 1 {
+            (500, json!({}), Duration::ZERO)
+        } else {
+            ok(json!({}))
+        }
+    });
+    let app = hub(
+        &[("ROOMHUB_HOOKS__EVENTS_URL", backend.url("/events"))],
+        &[(
+            "ROOMHUB_HOOKS__EVENTS",
+            "session_connected,session_disconnected,room_occupied,room_vacated,user_joined,user_left,message",
+        )],
+    )
+    .await;
+    let mut c = app.connect("user=ev").await;
+    c.join("room-e").await;
+    let offset = c.publish("room-e", json!({"text": "hello"})).await;
+    c.request(json!({"type": "leave", "room": "room-e"})).await;
+    let node = c.welcome["node"].clone();
+    c.close().await;
+    let types = [
+        "session_connected",
+        "room_occupied",
+        "user_joined",
+        "message",
+        "user_left",
+        "room_vacated",
+        "session_disconnected",
+    ];
+    // The first request was refused, so the events are those of the others.
+    let got = backend
+        .wait_for("every event", |got| {
+            got.len() > 1 && unique_events(&got[1..]).len() >= types.len()
+        })
+        .await;
+    for g in &got {
+        assert!(signed(g), "{g:#?}");
+        assert_eq!(g.body["node"], node);
+    }
+    // The failed batch came again with the same ids (maybe more after them).
+    let (first, second) = (ids(&got[0]), ids(&got[1]));
+    assert!(
+        !first.is_empty() && second.starts_with(&first),
+        "{first:?} then {second:?}"
+    );
+    let events = unique_events(&got[1..]);
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, types, "{events:#?}");
+    let by = |t: &str| events.iter().find(|e| e["type"] == t).unwrap().clone();
+    let session = by("session_connected")["session"].clone();
+    assert!(session.is_string());
+    assert_eq!(by("session_connected")["user"], "ev");
+    assert_eq!(by("session_connected")["ip"], "127.0.0.1");
+    assert_eq!(by("session_disconnected")["session"], session);
+    assert_eq!(by("session_disconnected")["code"], 1000);
+    assert_eq!(by("room_occupied")["room"], "room-e");
+    assert_eq!(by("user_joined")["user"], "ev");
+    let message = by("message");
+    assert_eq!(message["offset"], offset);
+    assert_eq!(message["data"], json!({"text": "hello"}));
+    assert_eq!(message["user"], "ev");
+    assert!(message["id"].is_string() && message["ts"].is_u64());
+    assert!(
+        got.len() < 2 + types.len(),
+        "events were batched: {} requests",
+        got.len()
+    );
+}
+
+#[tokio::test]
+async fn while_the_events_backend_fails_the_oldest_events_beyond_the_queue_are_dropped_and_counted()
+{
+    let backend = Backend::start(|_| (503, json!({}), Duration::ZERO));
+    let app = hub(
+        &[("ROOMHUB_HOOKS__EVENTS_URL", backend.url("/events"))],
+        &[("ROOMHUB_HOOKS__QUEUE", "3")],
+    )
+    .await;
+    for i in 0..4 {
+        let c = app.connect(&format!("user=u{i}")).await;
+        c.close().await;
+    }
+    // 8 events through a queue of 3.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let metrics = app.metrics().await;
+        if metrics.contains("roomhub_hook_events_dropped_total 5")
+            && metrics.contains("roomhub_hook_events_queued 3")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let metrics = app.metrics().await;
+    assert!(metrics.contains("roomhub_hook_failures_total{hook=\"events\"}"));
+    // Retried, not given up on.
+    backend.wait_for("a retry", |got| got.len() >= 2).await;
 }

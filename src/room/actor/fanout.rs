@@ -2,6 +2,8 @@
 //! the publishers' acks after their messages.
 
 use super::*;
+use crate::hooks::events::EventKind;
+use serde_json::value::RawValue;
 
 impl RoomActor {
     /// Offers `frames` to every member `to` accepts (the same bytes to
@@ -96,6 +98,10 @@ impl Handler<Persisted> for RoomActor {
             delivered += self.fan_out(frames, |id, _| is_publisher(&id));
         }
         for pending in ready {
+            // Messages this node took (the others' nodes report theirs).
+            if pending.reply.is_some() {
+                self.emit(EventKind::Message, || message_event(&pending.message));
+            }
             if let Some(reply) = pending.reply {
                 self.reply_ack(reply, pending.message.offset);
             }
@@ -113,5 +119,25 @@ impl Handler<Persisted> for RoomActor {
                 .inc_by(delivered * count);
         }
         self.release_parked_joins(ctx);
+    }
+}
+
+/// A `message` event's fields, read back from the encoded message.
+fn message_event(message: &crate::protocol::EncodedMessage) -> serde_json::Value {
+    #[derive(serde::Deserialize)]
+    struct Fields<'a> {
+        #[serde(borrow)]
+        id: &'a RawValue,
+        #[serde(borrow)]
+        user: &'a RawValue,
+        #[serde(borrow)]
+        data: &'a RawValue,
+    }
+    match serde_json::from_str::<Fields>(message.json.get()) {
+        Ok(f) => {
+            serde_json::json!({"offset": message.offset, "id": f.id, "user": f.user, "data": f.data})
+        }
+        // The hub encoded it itself, with these fields.
+        Err(_) => serde_json::json!({"offset": message.offset}),
     }
 }

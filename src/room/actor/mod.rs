@@ -25,6 +25,7 @@ use super::presence::{Change, Presence};
 use super::registry::{RoomContext, RoomRegistry, RoomStats};
 use super::replica::{self, Synced};
 use crate::cluster::{ClusterError, LogAppender, LogMessage, LogRecord, RoomEvent};
+use crate::hooks::events::EventKind;
 use crate::outbound::{Offer, Outbound, SessionLink, WireFrames};
 use crate::protocol::server::MessageTag;
 use crate::protocol::{
@@ -32,6 +33,7 @@ use crate::protocol::{
 };
 use crate::storage::{new_epoch, RoomSnapshot, StoreError, Take, WriteBatch, WriteOp};
 use actix::prelude::*;
+use serde_json::json;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -147,6 +149,9 @@ impl RoomActor {
             return;
         }
         self.empty_since = None;
+        if self.members.is_empty() {
+            self.emit(EventKind::RoomOccupied, || json!({}));
+        }
         if let Some(change) = self.presence.add_local(&user) {
             self.tell_members(change);
         }
@@ -158,16 +163,31 @@ impl RoomActor {
     /// Tells this node's members that a user came or went (room-wide).
     fn tell_members(&mut self, change: Change) {
         let frame = match &change {
-            Change::Joined(user) => encode(&ServerFrame::UserJoined {
-                room: &self.name,
-                user,
-            }),
-            Change::Left(user) => encode(&ServerFrame::UserLeft {
-                room: &self.name,
-                user,
-            }),
+            Change::Joined(user) => {
+                self.emit(EventKind::UserJoined, || json!({"user": user}));
+                encode(&ServerFrame::UserJoined {
+                    room: &self.name,
+                    user,
+                })
+            }
+            Change::Left(user) => {
+                self.emit(EventKind::UserLeft, || json!({"user": user}));
+                encode(&ServerFrame::UserLeft {
+                    room: &self.name,
+                    user,
+                })
+            }
         };
         self.fan_out(&WireFrames::text(&frame), |_, _| true);
+    }
+
+    /// Queues an events-hook event about this room (`room` is added).
+    pub(super) fn emit(&self, kind: EventKind, fields: impl FnOnce() -> serde_json::Value) {
+        crate::hooks::emit(self.context.events.as_ref(), kind, || {
+            let mut fields = fields();
+            fields["room"] = json!(self.name);
+            fields
+        });
     }
 
     fn remove_member(&mut self, session: SessionId) {
@@ -197,6 +217,10 @@ impl RoomActor {
         self.update_stats();
         for change in gone {
             self.tell_members(change);
+        }
+        // After `user_left`: the room's last user leaves, then it is empty.
+        if removed && self.members.is_empty() {
+            self.emit(EventKind::RoomVacated, || json!({}));
         }
         if removed {
             self.announce_presence();
