@@ -599,3 +599,28 @@ async fn while_the_events_backend_fails_the_oldest_events_beyond_the_queue_are_d
     // Retried, not given up on.
     backend.wait_for("a retry", |got| got.len() >= 2).await;
 }
+
+#[tokio::test]
+async fn a_stopping_node_sends_the_events_of_its_drain() {
+    let backend = Backend::start(|_| ok(json!({})));
+    let mut app = hub(
+        &[("ROOMHUB_HOOKS__EVENTS_URL", backend.url("/events"))],
+        &[],
+    )
+    .await;
+    let mut c = app.connect("user=last").await;
+    c.join("r").await;
+    let status = app.terminate();
+    assert!(status.success(), "{status:?}");
+    let events = unique_events(&backend.got());
+    let left = events
+        .iter()
+        .find(|e| e["type"] == "session_disconnected")
+        .unwrap_or_else(|| panic!("{events:#?}"));
+    // 1001: the drain's close code.
+    assert_eq!(left["code"], 1001, "{left}");
+    assert!(
+        events.iter().any(|e| e["type"] == "room_vacated"),
+        "{events:#?}"
+    );
+}
