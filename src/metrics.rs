@@ -84,7 +84,7 @@ impl Metrics {
         let hook_calls = by_hook("roomhub_hook_calls_total", "backend hook requests, by hook");
         let hook_failures = by_hook(
             "roomhub_hook_failures_total",
-            "backend hook requests with no answer in time, or an answer that is no verdict (not 2xx, 401 or 403), by hook",
+            "backend hook requests with no answer in time, or an answer that is no verdict (a status other than 2xx, 401 or 403, or a malformed body), by hook",
         );
         let hook_latency = HistogramVec::new(
             HistogramOpts::new(
@@ -182,6 +182,11 @@ impl Metrics {
         self.hook_latency
             .with_label_values(&[hook])
             .observe(took.as_secs_f64());
+    }
+
+    /// Counts a failure found after the call was counted (a malformed 2xx answer).
+    pub fn hook_unusable_answer(&self, hook: &str) {
+        self.hook_failures.with_label_values(&[hook]).inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -107,6 +107,14 @@ impl HookClient {
     }
 }
 
+impl HookClient {
+    /// Counts a 2xx answer that turned out to be no verdict (malformed) as
+    /// a failure too: to the hub it is one.
+    pub fn unusable_answer(&self, hook: Hook) {
+        self.metrics.hook_unusable_answer(hook.label());
+    }
+}
+
 fn transport(e: reqwest::Error) -> HookError {
     if e.is_timeout() {
         HookError::Timeout

@@ -79,7 +79,13 @@ impl ConnectHook {
         match answer {
             Err(e) => ConnectVerdict::Unavailable(e.to_string()),
             Ok(answer) => match answer.status {
-                200 => accepted(&answer.body),
+                200 => {
+                    let verdict = accepted(&answer.body);
+                    if matches!(verdict, ConnectVerdict::Unavailable(_)) {
+                        self.client.unusable_answer(Hook::Connect);
+                    }
+                    verdict
+                }
                 status @ (401 | 403) => ConnectVerdict::Refuse(status),
                 status => ConnectVerdict::Unavailable(format!("the backend answered {status}")),
             },

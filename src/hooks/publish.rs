@@ -90,7 +90,10 @@ impl PublishHook {
                     200 => match serde_json::from_slice::<Approved>(&answer.body) {
                         Ok(Approved { data: None }) => PublishVerdict::AsIs,
                         Ok(Approved { data: Some(data) }) => PublishVerdict::Replace(data),
-                        Err(e) => PublishVerdict::Unavailable(format!("the backend's answer: {e}")),
+                        Err(e) => {
+                            client.unusable_answer(Hook::Publish);
+                            PublishVerdict::Unavailable(format!("the backend's answer: {e}"))
+                        }
                     },
                     403 => PublishVerdict::Forbidden(
                         serde_json::from_slice::<Refused>(&answer.body)

@@ -355,7 +355,7 @@ async fn connect_refusals_and_failures_fail_closed() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("roomhub_hook_failures_total{hook=\"connect\"} 2"),
+        metrics.contains("roomhub_hook_failures_total{hook=\"connect\"} 3"),
         "{metrics}"
     );
     assert!(metrics.contains("roomhub_hook_latency_seconds_count{hook=\"connect\"} 5"));
@@ -623,4 +623,40 @@ async fn a_stopping_node_sends_the_events_of_its_drain() {
         events.iter().any(|e| e["type"] == "room_vacated"),
         "{events:#?}"
     );
+}
+
+#[tokio::test]
+async fn connect_hook_calls_in_flight_are_bounded_and_the_excess_is_refused_at_once() {
+    // Held 3 s each: long enough to fill every slot, well within the timeout.
+    let backend = Backend::start(|_| (200, json!({"user": "held"}), Duration::from_secs(3)));
+    let app = hub(
+        &[("ROOMHUB_HOOKS__CONNECT_URL", backend.url("/c"))],
+        &[
+            ("ROOMHUB_HOOKS__TIMEOUT_MS", "20000"),
+            ("ROOMHUB_LIMITS__HANDSHAKES_PER_IP_PER_SEC", "5000"),
+        ],
+    )
+    .await;
+    // roomhub::hooks::connect::MAX_CONNECT_CALLS
+    const SLOTS: usize = 256;
+    let url = format!("ws://{}/ws", app.addr);
+    let held: Vec<_> = (0..SLOTS)
+        .map(|_| tokio::spawn(tokio_tungstenite::connect_async(url.clone())))
+        .collect();
+    backend
+        .wait_for("every slot's call", |got| got.len() == SLOTS)
+        .await;
+    let (status, retry) = refused(&app, "user=one-too-many").await;
+    assert_eq!(status, 503);
+    assert!(retry.is_some());
+    // Refused while every held call is still waiting: not queued behind them.
+    assert!(held.iter().all(|upgrade| !upgrade.is_finished()));
+    assert!(app
+        .metrics()
+        .await
+        .contains("roomhub_rejected_upgrades_total{reason=\"hook_busy\"} 1"));
+    for upgrade in held {
+        let (ws, _) = upgrade.await.unwrap().expect("held upgrades are accepted");
+        drop(ws);
+    }
 }
