@@ -660,3 +660,61 @@ async fn connect_hook_calls_in_flight_are_bounded_and_the_excess_is_refused_at_o
         drop(ws);
     }
 }
+
+// ---- cluster ---------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_cluster_mode_a_message_event_comes_once_from_the_node_that_took_it() {
+    use crate::nats::{spawn_node, NatsServer};
+    let backend = Backend::start(|_| ok(json!({})));
+    let nats = NatsServer::start();
+    let url = backend.url("/events");
+    let env = [
+        ("ROOMHUB_HOOKS__SECRET", SECRET),
+        ("ROOMHUB_HOOKS__EVENTS_URL", url.as_str()),
+        ("ROOMHUB_HOOKS__EVENTS", "message,session_connected"),
+    ];
+    let a = spawn_node(&nats, None, &env).await;
+    let b = spawn_node(&nats, None, &env).await;
+    let mut reader = b.connect("user=reader").await;
+    reader.join("shared").await;
+    let mut writer = a.connect("user=writer").await;
+    writer.join("shared").await;
+    let mut offsets = Vec::new();
+    for n in 0..3 {
+        offsets.push(writer.publish("shared", json!({"n": n})).await);
+        reader.next_of("message").await;
+    }
+    // A later event on node b: its events arrive in order, so any `message`
+    // event of b's would be in by then.
+    let late = b.connect("user=late").await;
+    let (node_a, node_b) = (writer.welcome["node"].clone(), late.welcome["node"].clone());
+    let got = backend
+        .wait_for("b's later event and a's messages", |got| {
+            let events = unique_events(got);
+            let late_seen = events.iter().any(|e| e["user"] == "late");
+            let messages = events.iter().filter(|e| e["type"] == "message").count();
+            late_seen && messages >= 3
+        })
+        .await;
+    for g in &got {
+        for e in g.body["events"].as_array().unwrap() {
+            if e["type"] == "message" {
+                assert_eq!(
+                    g.body["node"], node_a,
+                    "a message event from {}",
+                    g.body["node"]
+                );
+            }
+        }
+    }
+    assert_ne!(node_a, node_b);
+    let messages: Vec<Value> = unique_events(&got)
+        .into_iter()
+        .filter(|e| e["type"] == "message")
+        .collect();
+    let seen: Vec<&Value> = messages.iter().map(|m| &m["offset"]).collect();
+    let expected: Vec<Value> = offsets.iter().map(|o| json!(o)).collect();
+    assert_eq!(seen, expected.iter().collect::<Vec<_>>(), "{messages:#?}");
+    assert!(messages.iter().all(|m| m["user"] == "writer"));
+}

@@ -193,7 +193,15 @@ impl Handler<Committed> for RoomActor {
     fn handle(&mut self, msg: Committed, _ctx: &mut Context<Self>) {
         match self.log.as_mut() {
             Some(log) if msg.offset > log.durable => log.waiting_acks.push((msg.offset, msg.reply)),
-            _ => self.reply_ack(msg.reply, msg.offset),
+            _ => {
+                // Already here (fanned out before JetStream's answer came back).
+                let message = self
+                    .log
+                    .as_ref()
+                    .and_then(|log| log.tail.iter().rev().find(|m| m.offset == msg.offset));
+                self.emit_message(message);
+                self.reply_ack(msg.reply, msg.offset)
+            }
         }
     }
 }
