@@ -718,3 +718,64 @@ async fn in_cluster_mode_a_message_event_comes_once_from_the_node_that_took_it()
     assert_eq!(seen, expected.iter().collect::<Vec<_>>(), "{messages:#?}");
     assert!(messages.iter().all(|m| m["user"] == "writer"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_cluster_mode_a_user_joining_or_leaving_is_reported_once_by_its_node() {
+    use crate::nats::{spawn_node, NatsServer};
+    let backend = Backend::start(|_| ok(json!({})));
+    let nats = NatsServer::start();
+    let url = backend.url("/events");
+    let env = [
+        ("ROOMHUB_HOOKS__SECRET", SECRET),
+        ("ROOMHUB_HOOKS__EVENTS_URL", url.as_str()),
+        (
+            "ROOMHUB_HOOKS__EVENTS",
+            "session_connected,user_joined,user_left",
+        ),
+    ];
+    let a = spawn_node(&nats, None, &env).await;
+    let b = spawn_node(&nats, None, &env).await;
+    let mut x = a.connect("user=x").await;
+    x.join("p").await;
+    let mut y = b.connect("user=y").await;
+    y.join("p").await;
+    // Each node hears of the other's user (and tells its members)...
+    let seen = x.next_of("user_joined").await;
+    assert_eq!(seen["user"], "y");
+    y.request(json!({"type": "leave", "room": "p"})).await;
+    assert_eq!(x.next_of("user_left").await["user"], "y");
+    // ...but only the user's own node reports it. Later events on both
+    // nodes close the window: each node's events arrive in order.
+    let (node_a, node_b) = (x.welcome["node"].clone(), y.welcome["node"].clone());
+    let _late_a = a.connect("user=late-a").await;
+    let _late_b = b.connect("user=late-b").await;
+    let got = backend
+        .wait_for("both nodes' later events", |got| {
+            let events = unique_events(got);
+            ["late-a", "late-b"]
+                .iter()
+                .all(|u| events.iter().any(|e| e["user"] == *u))
+        })
+        .await;
+    let mut reports = Vec::new();
+    let mut seen_ids = std::collections::HashSet::new();
+    for g in &got {
+        for e in g.body["events"].as_array().unwrap() {
+            if e["type"] != "session_connected" && seen_ids.insert(e["id"].clone()) {
+                reports.push((g.body["node"].clone(), e["type"].clone(), e["user"].clone()));
+            }
+        }
+    }
+    // In order per node; the two nodes' batches may interleave.
+    let of = |node: &Value| -> Vec<(Value, Value, Value)> {
+        reports.iter().filter(|r| &r.0 == node).cloned().collect()
+    };
+    assert_eq!(
+        [of(&node_a), of(&node_b)].concat(),
+        [
+            (node_a.clone(), json!("user_joined"), json!("x")),
+            (node_b.clone(), json!("user_joined"), json!("y")),
+            (node_b, json!("user_left"), json!("y")),
+        ]
+    );
+}

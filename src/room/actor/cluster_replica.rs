@@ -3,6 +3,8 @@
 //! with the other nodes serving the room.
 
 use super::*;
+use crate::hooks::events::EventKind;
+use serde_json::json;
 
 impl RoomActor {
     /// Cluster mode: tells the other nodes who is here on this node.
@@ -54,8 +56,14 @@ impl RoomActor {
         if let Some(cutoff) = Instant::now().checked_sub(timeout) {
             let changes = self.presence.expire_remote(cutoff);
             if !changes.is_empty() {
+                // The silent node cannot report its users' departures; every
+                // node that sees them does.
                 for change in changes {
+                    self.report(&change);
                     self.tell_members(change);
+                }
+                if self.presence.is_empty() {
+                    self.emit(EventKind::RoomVacated, || json!({}));
                 }
                 self.update_stats();
             }

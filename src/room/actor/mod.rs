@@ -149,10 +149,13 @@ impl RoomActor {
             return;
         }
         self.empty_since = None;
-        if self.members.is_empty() {
+        // Reported by the node whose session made the change, so once for
+        // the cluster (the others hear of it through presence).
+        if self.presence.is_empty() {
             self.emit(EventKind::RoomOccupied, || json!({}));
         }
         if let Some(change) = self.presence.add_local(&user) {
+            self.report(&change);
             self.tell_members(change);
         }
         self.members.insert(session, Member { user, link });
@@ -163,22 +166,25 @@ impl RoomActor {
     /// Tells this node's members that a user came or went (room-wide).
     fn tell_members(&mut self, change: Change) {
         let frame = match &change {
-            Change::Joined(user) => {
-                self.emit(EventKind::UserJoined, || json!({"user": user}));
-                encode(&ServerFrame::UserJoined {
-                    room: &self.name,
-                    user,
-                })
-            }
-            Change::Left(user) => {
-                self.emit(EventKind::UserLeft, || json!({"user": user}));
-                encode(&ServerFrame::UserLeft {
-                    room: &self.name,
-                    user,
-                })
-            }
+            Change::Joined(user) => encode(&ServerFrame::UserJoined {
+                room: &self.name,
+                user,
+            }),
+            Change::Left(user) => encode(&ServerFrame::UserLeft {
+                room: &self.name,
+                user,
+            }),
         };
         self.fan_out(&WireFrames::text(&frame), |_, _| true);
+    }
+
+    /// Reports a presence change to the events hook: the changes this node's
+    /// sessions make, and those of a node that died without a goodbye.
+    pub(super) fn report(&self, change: &Change) {
+        match change {
+            Change::Joined(user) => self.emit(EventKind::UserJoined, || json!({"user": user})),
+            Change::Left(user) => self.emit(EventKind::UserLeft, || json!({"user": user})),
+        }
     }
 
     /// Queues an events-hook event about this room (`room` is added).
@@ -216,10 +222,12 @@ impl RoomActor {
         }
         self.update_stats();
         for change in gone {
+            self.report(&change);
             self.tell_members(change);
         }
-        // After `user_left`: the room's last user leaves, then it is empty.
-        if removed && self.members.is_empty() {
+        // After `user_left`: the room's last user leaves, then it is empty
+        // (on every node, as far as this one knows).
+        if removed && self.presence.is_empty() {
             self.emit(EventKind::RoomVacated, || json!({}));
         }
         if removed {
