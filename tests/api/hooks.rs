@@ -663,8 +663,9 @@ async fn connect_hook_calls_in_flight_are_bounded_and_the_excess_is_refused_at_o
 
 // ---- cluster ---------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_cluster_mode_a_message_event_comes_once_from_the_node_that_took_it() {
+/// A backend taking every batch, and two nodes on one nats-server sending it
+/// these event types.
+async fn two_nodes(events: &str) -> (Backend, crate::nats::NatsServer, TestApp, TestApp) {
     use crate::nats::{spawn_node, NatsServer};
     let backend = Backend::start(|_| ok(json!({})));
     let nats = NatsServer::start();
@@ -672,10 +673,16 @@ async fn in_cluster_mode_a_message_event_comes_once_from_the_node_that_took_it()
     let env = [
         ("ROOMHUB_HOOKS__SECRET", SECRET),
         ("ROOMHUB_HOOKS__EVENTS_URL", url.as_str()),
-        ("ROOMHUB_HOOKS__EVENTS", "message,session_connected"),
+        ("ROOMHUB_HOOKS__EVENTS", events),
     ];
     let a = spawn_node(&nats, None, &env).await;
     let b = spawn_node(&nats, None, &env).await;
+    (backend, nats, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_cluster_mode_a_message_event_comes_once_from_the_node_that_took_it() {
+    let (backend, _nats, a, b) = two_nodes("message,session_connected").await;
     let mut reader = b.connect("user=reader").await;
     reader.join("shared").await;
     let mut writer = a.connect("user=writer").await;
@@ -721,20 +728,7 @@ async fn in_cluster_mode_a_message_event_comes_once_from_the_node_that_took_it()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_cluster_mode_a_user_joining_or_leaving_is_reported_once_by_its_node() {
-    use crate::nats::{spawn_node, NatsServer};
-    let backend = Backend::start(|_| ok(json!({})));
-    let nats = NatsServer::start();
-    let url = backend.url("/events");
-    let env = [
-        ("ROOMHUB_HOOKS__SECRET", SECRET),
-        ("ROOMHUB_HOOKS__EVENTS_URL", url.as_str()),
-        (
-            "ROOMHUB_HOOKS__EVENTS",
-            "session_connected,user_joined,user_left",
-        ),
-    ];
-    let a = spawn_node(&nats, None, &env).await;
-    let b = spawn_node(&nats, None, &env).await;
+    let (backend, _nats, a, b) = two_nodes("session_connected,user_joined,user_left").await;
     let mut x = a.connect("user=x").await;
     x.join("p").await;
     let mut y = b.connect("user=y").await;
