@@ -203,11 +203,13 @@ impl Handler<Committed> for RoomActor {
             Some(log) if msg.offset > log.durable => log.waiting_acks.push((msg.offset, msg.reply)),
             _ => {
                 // Already here (fanned out before JetStream's answer came back).
-                let message = self
-                    .log
-                    .as_ref()
-                    .and_then(|log| log.tail.iter().rev().find(|m| m.offset == msg.offset));
-                self.emit_message(message);
+                if self.context.events.is_some() {
+                    let message = self
+                        .log
+                        .as_ref()
+                        .and_then(|log| log.tail.iter().rev().find(|m| m.offset == msg.offset));
+                    self.emit_message(message);
+                }
                 self.reply_ack(msg.reply, msg.offset)
             }
         }

@@ -97,7 +97,7 @@ impl Handler<Persisted> for RoomActor {
         if let (Some(frames), false) = (&frames, publishers.is_empty()) {
             delivered += self.fan_out(frames, |id, _| is_publisher(&id));
         }
-        if self.context.cluster.is_some() {
+        if self.context.cluster.is_some() && self.context.events.is_some() {
             // Cluster mode: this node's publishes come back from the
             // cluster's log without a reply; their acks say which they are.
             for (offset, _) in &acks {
