@@ -60,6 +60,7 @@ fn fanout(c: &mut Criterion) {
             store: Arc::new(MemoryStore::new()),
             metrics: Metrics::new(),
             cluster: None,
+            events: None,
         })
     });
     for members in [10u64, 1_000, 10_000] {

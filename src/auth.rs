@@ -136,6 +136,35 @@ impl Authenticator {
     }
 }
 
+impl Authenticator {
+    /// Who an upgrade claims to be, for the connect hook, which decides:
+    /// a token (when a secret is set to check it) must be valid, and gives
+    /// its `sub` and expiry; otherwise `?user=`, if any. `auth.anonymous`
+    /// does not apply: the hook lets in whom it accepts.
+    pub fn claim(
+        &self,
+        token: Option<&str>,
+        user: Option<&str>,
+    ) -> Result<(Option<UserId>, Option<u64>), AuthError> {
+        match (token, &self.key) {
+            (Some(token), Some(key)) => {
+                let claims = decode::<Claims>(token, key, &self.validation)
+                    .map_err(|_| AuthError::BadToken)?
+                    .claims;
+                let user = UserId::parse(&claims.sub).map_err(|_| AuthError::BadSubject)?;
+                Ok((Some(user), Some(claims.exp)))
+            }
+            _ => {
+                let user = user
+                    .map(UserId::parse)
+                    .transpose()
+                    .map_err(|e| AuthError::BadUser(e.to_string()))?;
+                Ok((user, None))
+            }
+        }
+    }
+}
+
 /// The credentials of an `Authorization: <scheme> <credentials>` header when
 /// the scheme is `Bearer`. RFC 7235 §2.1: the scheme is case-insensitive, and
 /// one or more spaces may separate it from the credentials.

@@ -30,6 +30,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub cluster: ClusterSettings,
     pub rooms: RoomSettings,
+    pub hooks: HookSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -210,6 +211,109 @@ impl Default for RoomSettings {
     }
 }
 
+/// The event types `hooks.events` may name (PROTOCOL.md, "Backend hooks").
+pub const HOOK_EVENT_TYPES: [&str; 7] = [
+    "session_connected",
+    "session_disconnected",
+    "room_occupied",
+    "room_vacated",
+    "user_joined",
+    "user_left",
+    "message",
+];
+
+/// Backend hooks (docs/configuration.md, `hooks.*`): all off while their URLs are empty.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HookSettings {
+    #[serde(deserialize_with = "lenient_string")]
+    pub connect_url: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub publish_url: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub events_url: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub secret: String,
+    pub timeout_ms: u64,
+    #[serde(deserialize_with = "comma_list")]
+    pub events: Vec<String>,
+    pub queue: usize,
+}
+
+impl Default for HookSettings {
+    fn default() -> Self {
+        Self {
+            connect_url: String::new(),
+            publish_url: String::new(),
+            events_url: String::new(),
+            secret: String::new(),
+            timeout_ms: 2000,
+            // Every type but `message`, which is opt-in.
+            events: HOOK_EVENT_TYPES[..6]
+                .iter()
+                .map(|t| t.to_string())
+                .collect(),
+            queue: 10_000,
+        }
+    }
+}
+
+impl HookSettings {
+    /// The URL settings, by key.
+    fn urls(&self) -> [(&'static str, &str); 3] {
+        [
+            ("hooks.connect_url", self.connect_url.as_str()),
+            ("hooks.publish_url", self.publish_url.as_str()),
+            ("hooks.events_url", self.events_url.as_str()),
+        ]
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        for (key, url) in self.urls() {
+            if url.is_empty() {
+                continue;
+            }
+            // Hook URLs are called by reqwest, whose parser this is.
+            let parsed = reqwest::Url::parse(url)
+                .map_err(|e| (key, format!("{url:?} is not a URL ({e})")))?;
+            if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+                return Err((
+                    key,
+                    format!("{url:?} must be an http:// or https:// URL with a host"),
+                ));
+            }
+            if self.secret.is_empty() {
+                // Unsigned requests would let anyone who reaches the
+                // backend pose as the hub.
+                return Err((
+                    "hooks.secret",
+                    format!("is empty but {key} is set: every hook request must be signed"),
+                ));
+            }
+        }
+        if self.timeout_ms == 0 {
+            return Err(("hooks.timeout_ms", "must be at least 1".into()));
+        }
+        if self.queue == 0 {
+            return Err(("hooks.queue", "must be at least 1".into()));
+        }
+        if let Some(unknown) = self
+            .events
+            .iter()
+            .find(|e| !HOOK_EVENT_TYPES.contains(&e.as_str()))
+        {
+            return Err((
+                "hooks.events",
+                format!(
+                    "{unknown:?} is not an event type; the types are {}",
+                    HOOK_EVENT_TYPES.join(", ")
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A setting that stops start-up.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -314,10 +418,13 @@ impl Settings {
             self.limits.outbound_queue as u64,
             1,
         )?;
-        if !self.auth.anonymous && self.auth.jwt_secret.is_empty() {
+        if !self.auth.anonymous
+            && self.auth.jwt_secret.is_empty()
+            && self.hooks.connect_url.is_empty()
+        {
             return Err((
                 "auth.anonymous",
-                "is false but auth.jwt_secret is empty: nobody could connect".into(),
+                "is false but auth.jwt_secret and hooks.connect_url are empty: nobody could connect".into(),
             ));
         }
         if let Some(id) = &self.server.node_id {
@@ -357,13 +464,17 @@ impl Settings {
                 "must be 1 or more characters of [A-Za-z0-9_-]".into(),
             ));
         }
-        Ok(())
+        self.hooks.validate()
     }
 
     /// The settings as `check-config` prints them: TOML, secrets masked.
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
-        for secret in [&mut shown.auth.jwt_secret, &mut shown.auth.api_key] {
+        for secret in [
+            &mut shown.auth.jwt_secret,
+            &mut shown.auth.api_key,
+            &mut shown.hooks.secret,
+        ] {
             if !secret.is_empty() {
                 *secret = "<redacted>".into();
             }

@@ -33,6 +33,7 @@ pub mod config;
 pub mod directory;
 pub mod expectation;
 pub mod heap;
+pub mod hooks;
 pub mod http;
 pub mod limits;
 pub mod load;

@@ -2,7 +2,11 @@
 //! several apps in one process do not share counters.
 
 use crate::protocol::ErrorCode;
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use std::time::Duration;
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -20,8 +24,14 @@ pub struct Metrics {
     pub stalled_sockets_cut: IntCounter,
     pub cluster_link_up: IntGauge,
     pub cluster_link_losses: IntCounter,
+    /// Events waiting for `hooks.events_url`.
+    pub hook_events_queued: IntGauge,
+    pub hook_events_dropped: IntCounter,
     rejected_upgrades: IntCounterVec,
     errors: IntCounterVec,
+    hook_calls: IntCounterVec,
+    hook_failures: IntCounterVec,
+    hook_latency: HistogramVec,
 }
 
 impl Metrics {
@@ -64,7 +74,44 @@ impl Metrics {
         registry
             .register(Box::new(rejected_upgrades.clone()))
             .expect("unique metric");
+        let by_hook = |name: &str, help: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &["hook"]).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let hook_calls = by_hook("roomhub_hook_calls_total", "backend hook requests, by hook");
+        let hook_failures = by_hook(
+            "roomhub_hook_failures_total",
+            "backend hook requests with no answer in time, or an answer that is no verdict (a status other than 2xx, 401 or 403, or a malformed body), by hook",
+        );
+        let hook_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "roomhub_hook_latency_seconds",
+                "time from sending a backend hook request to its whole answer (or failure), by hook",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["hook"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(hook_latency.clone()))
+            .expect("unique metric");
         Self {
+            hook_events_queued: gauge(
+                "roomhub_hook_events_queued",
+                "events waiting to be sent to hooks.events_url",
+            ),
+            hook_events_dropped: counter(
+                "roomhub_hook_events_dropped_total",
+                "events dropped because hooks.queue was full (the oldest go first)",
+            ),
+            hook_calls,
+            hook_failures,
+            hook_latency,
             connections: gauge("roomhub_connections", "open WebSocket connections"),
             rooms: gauge("roomhub_rooms", "room actors alive on this node"),
             messages_published: counter(
@@ -124,6 +171,22 @@ impl Metrics {
     /// Counts an upgrade refused with `reason` (e.g. `rate_limited`, `unauthorized`).
     pub fn rejected_upgrade(&self, reason: &str) {
         self.rejected_upgrades.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts one backend hook request and how long it took.
+    pub fn hook_called(&self, hook: &str, took: Duration, failed: bool) {
+        self.hook_calls.with_label_values(&[hook]).inc();
+        if failed {
+            self.hook_failures.with_label_values(&[hook]).inc();
+        }
+        self.hook_latency
+            .with_label_values(&[hook])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts a failure found after the call was counted (a malformed 2xx answer).
+    pub fn hook_unusable_answer(&self, hook: &str) {
+        self.hook_failures.with_label_values(&[hook]).inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -17,6 +17,9 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The longest a stopping node waits for its events hook to take the last events.
+const EVENTS_FLUSH: Duration = Duration::from_secs(2);
+
 pub struct Application {
     addr: SocketAddr,
     server: Server,
@@ -48,13 +51,16 @@ impl Application {
                     .with_context(|| format!("starting the cluster link to {url}"))?,
             )),
         };
+        let hooks = crate::hooks::Hooks::new(&settings.hooks, &node_id, &metrics)?;
         let state = web::Data::new(AppState::new(
             settings.clone(),
             node_id,
             store.clone() as Arc<dyn HistoryStore>,
             metrics,
             cluster.clone(),
+            hooks,
         ));
+        state.hooks.start();
         if let Some(cluster) = cluster {
             actix_web::rt::spawn(crate::cluster::relay_directs(
                 cluster,
@@ -105,6 +111,14 @@ impl Application {
         });
         shutdown.await;
         crate::shutdown::drain_sessions(&self.state).await;
+        // The drain's `session_disconnected` events (and any others) get a
+        // short while to reach the backend; a failing one does not hold the exit.
+        if let Some(events) = &self.state.hooks.events {
+            let deadline = tokio::time::Instant::now() + EVENTS_FLUSH;
+            while !events.is_empty() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         // Give the close frames a moment to leave before the workers stop.
         tokio::time::sleep(Duration::from_millis(50)).await;
         sweeper.abort();

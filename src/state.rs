@@ -4,6 +4,7 @@ use crate::auth::Authenticator;
 use crate::cluster::{Cluster, DirectRecord};
 use crate::config::Settings;
 use crate::directory::SessionDirectory;
+use crate::hooks::Hooks;
 use crate::limits::IpLimits;
 use crate::metrics::Metrics;
 use crate::room::RoomRegistry;
@@ -23,6 +24,8 @@ pub struct AppState {
     pub ip_limits: IpLimits,
     /// Present in cluster mode.
     pub cluster: Option<Arc<Cluster>>,
+    /// Backend hooks (`hooks.*`); each `None` unless its URL is set.
+    pub hooks: Hooks,
     pub started: Instant,
     draining: AtomicBool,
     open_sockets: Arc<AtomicUsize>,
@@ -48,17 +51,20 @@ impl AppState {
         store: Arc<dyn HistoryStore>,
         metrics: Metrics,
         cluster: Option<Arc<Cluster>>,
+        hooks: Hooks,
     ) -> Self {
         let registry = RoomRegistry::new(crate::room::RoomContext {
             settings: settings.clone(),
             store: store.clone(),
             metrics: metrics.clone(),
             cluster: cluster.clone(),
+            events: hooks.events.clone(),
         });
         Self {
             auth: Authenticator::new(&settings.auth),
             ip_limits: IpLimits::new(&settings.limits),
             cluster,
+            hooks,
             settings,
             node_id,
             registry,

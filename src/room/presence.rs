@@ -127,6 +127,11 @@ impl Presence {
             .collect()
     }
 
+    /// No user in the room on any node (as far as this node knows).
+    pub fn is_empty(&self) -> bool {
+        self.local.is_empty() && self.remote.values().all(|n| n.users.is_empty())
+    }
+
     pub fn local_users(&self) -> usize {
         self.local.len()
     }

@@ -25,6 +25,8 @@ pub struct RoomContext {
     pub metrics: Metrics,
     /// Present in cluster mode: the room's log is then the cluster's.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The events hook's queue, when `hooks.events_url` is set.
+    pub events: Option<Arc<crate::hooks::events::EventQueue>>,
 }
 
 /// Counts a room keeps current for `/api/rooms` without a round trip.

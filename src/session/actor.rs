@@ -12,6 +12,8 @@ use super::frames::{Inbound, Violation};
 use super::socket::WsSocket;
 use super::upgrade::Admission;
 use crate::auth::Identity;
+use crate::hooks::events::EventKind;
+use crate::hooks::publish::PublishVerdict;
 use crate::limits::{ConnectionPermit, FrameLimiter};
 use crate::outbound::{error_frame, FrameSink, Outbound, SessionLink};
 use crate::protocol::{
@@ -25,8 +27,9 @@ use crate::state::{AppState, SocketGuard};
 use actix::prelude::*;
 use actix_http::ws::{self, OpCode};
 use bytestring::ByteString;
+use serde_json::json;
 use serde_json::value::RawValue;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -73,6 +76,18 @@ pub struct WsSession {
     auto_join: Option<RoomName>,
     last_heard: Instant,
     close_reason: &'static str,
+    /// The close code for `session_disconnected`: 1006 unless a close frame went either way.
+    close_code: u16,
+    /// Publishes waiting for the publish hook, per room (empty, and never
+    /// allocated, without a publish hook).
+    held: HashMap<RoomName, VecDeque<HeldPublish>>,
+}
+
+/// A client publish waiting for the publish hook's verdict.
+struct HeldPublish {
+    data: Box<RawValue>,
+    key: Option<String>,
+    reference: Option<String>,
 }
 
 impl WsSession {
@@ -87,6 +102,7 @@ impl WsSession {
             room: auto_join,
             peer,
             permit,
+            connect: _,
         } = admission;
         let limits = &state.settings.limits;
         // Counted here and uncounted in `Drop`, so the two always pair.
@@ -112,6 +128,8 @@ impl WsSession {
             auto_join,
             last_heard: Instant::now(),
             close_reason: "connection dropped",
+            held: HashMap::new(),
+            close_code: 1006,
         }
     }
 
@@ -278,6 +296,7 @@ impl WsSession {
         }
         self.closing = true;
         self.close_reason = code.reason();
+        self.close_code = code.code();
         if let Some(socket) = self.socket.as_mut() {
             socket.push_close(Some(ws::CloseReason {
                 code: ws::CloseCode::from(code.code()),
@@ -354,16 +373,10 @@ impl WsSession {
                 let Some(addr) = self.joined(&room, r, ctx) else {
                     return;
                 };
-                addr.do_send(Publish {
-                    user: self.user.clone(),
-                    data,
-                    key,
-                    reply: PublishReply::Session {
-                        session: self.id,
-                        link: self.link(ctx),
-                        reference,
-                    },
-                });
+                if self.state.hooks.publish.is_some() {
+                    return self.hold_for_hook(room, data, key, reference, ctx);
+                }
+                self.send_publish(&addr, data, key, reference, ctx);
             }
             ClientFrame::Typing { room, active } => {
                 let Some(addr) = self.joined(&room, r, ctx) else {
@@ -408,6 +421,118 @@ impl WsSession {
             }
             ClientFrame::Ping => self.write(ctx, encode(&ServerFrame::Pong { reference: r })),
         }
+    }
+
+    fn send_publish(
+        &mut self,
+        addr: &Addr<RoomActor>,
+        data: Box<RawValue>,
+        key: Option<String>,
+        reference: Option<String>,
+        ctx: &mut Context<Self>,
+    ) {
+        addr.do_send(Publish {
+            user: self.user.clone(),
+            data,
+            key,
+            reply: PublishReply::Session {
+                session: self.id,
+                link: self.link(ctx),
+                reference,
+            },
+        });
+    }
+
+    /// Queues a publish for the publish hook. Each room has its own FIFO:
+    /// one call at a time per room keeps this connection's publishes to it
+    /// in order, and a slow answer holds back only that room's.
+    fn hold_for_hook(
+        &mut self,
+        room: RoomName,
+        data: Box<RawValue>,
+        key: Option<String>,
+        reference: Option<String>,
+        ctx: &mut Context<Self>,
+    ) {
+        let queue = self.held.entry(room.clone()).or_default();
+        queue.push_back(HeldPublish {
+            data,
+            key,
+            reference,
+        });
+        if queue.len() == 1 {
+            self.ask_publish_hook(room, ctx);
+        }
+    }
+
+    /// Calls the hook for the first publish held for `room`, in a spawned
+    /// future whose verdict comes back to this actor.
+    fn ask_publish_hook(&mut self, room: RoomName, ctx: &mut Context<Self>) {
+        let (Some(hook), Some(held)) = (
+            &self.state.hooks.publish,
+            self.held.get(&room).and_then(VecDeque::front),
+        ) else {
+            return;
+        };
+        let call = hook.ask(&room, &self.user, &held.data, held.key.as_deref());
+        ctx.spawn(
+            call.into_actor(self)
+                .map(move |verdict, act, ctx| act.publish_verdict(room, verdict, ctx)),
+        );
+    }
+
+    fn publish_verdict(
+        &mut self,
+        room: RoomName,
+        verdict: PublishVerdict,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(queue) = self.held.get_mut(&room) else {
+            return;
+        };
+        let Some(held) = queue.pop_front() else {
+            return;
+        };
+        if queue.is_empty() {
+            self.held.remove(&room);
+        } else {
+            self.ask_publish_hook(room.clone(), ctx);
+        }
+        let r = held.reference.as_deref();
+        let data = match verdict {
+            PublishVerdict::AsIs => held.data,
+            PublishVerdict::Replace(data) => {
+                // The backend's data is stored like a client's: same checks.
+                if !self.data_fits(&data, r, ctx) {
+                    return;
+                }
+                if let Err(e) = crate::protocol::check_data(&data) {
+                    let message = format!("`data` from the backend: {e}");
+                    return self.send_error(ctx, r, ErrorCode::BadRequest, &message);
+                }
+                data
+            }
+            PublishVerdict::Forbidden(message) => {
+                let message = message
+                    .as_deref()
+                    .unwrap_or("the backend refused this message");
+                return self.send_error(ctx, r, ErrorCode::Forbidden, message);
+            }
+            PublishVerdict::Unavailable(why) => {
+                tracing::warn!(session = %self.id, error = %why, "publish hook failed; not stored");
+                return self.send_error(
+                    ctx,
+                    r,
+                    ErrorCode::Unavailable,
+                    "the message could not be approved; try again",
+                );
+            }
+        };
+        // The session may have left the room while the hook was asked.
+        let Some(addr) = self.joined(&room, r, ctx) else {
+            return;
+        };
+        self.send_publish(&addr, data, held.key, held.reference, ctx);
     }
 
     fn ack(&mut self, ctx: &mut Context<Self>, reference: Option<&str>) {
@@ -660,6 +785,10 @@ impl Actor for WsSession {
             protocol: PROTOCOL_VERSION,
         });
         self.write(ctx, welcome);
+        self.state.hooks.emit(EventKind::SessionConnected, || {
+            json!({"session": session, "user": self.user,
+                   "ip": self.peer.map(|p| p.ip().to_string())})
+        });
         // After `welcome`: direct messages go straight to the socket.
         let link = self.link(ctx);
         self.state.directory.register(&self.user, self.id, link);
@@ -713,6 +842,10 @@ impl Drop for WsSession {
         }
         self.state.directory.unregister(&self.user, self.id);
         self.state.metrics.connections.dec();
+        self.state.hooks.emit(
+            EventKind::SessionDisconnected,
+            || json!({"session": self.id.to_string(), "user": self.user, "code": self.close_code}),
+        );
         tracing::info!(session = %self.id, user = %self.user, reason = self.close_reason, "connection closed");
     }
 }
@@ -777,8 +910,10 @@ impl WsSession {
             ),
             Inbound::Ping(payload) => self.write_control(ctx, OpCode::Pong, &payload),
             Inbound::Pong => {}
-            Inbound::Close(_) => {
+            Inbound::Close(reason) => {
                 self.close_reason = "closed by client";
+                // 1005: a close frame without a code.
+                self.close_code = reason.map_or(1005, |r| u16::from(r.code));
                 self.closing = true;
                 if let Some(socket) = self.socket.as_mut() {
                     socket.push_close(None);

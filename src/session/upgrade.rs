@@ -13,9 +13,11 @@
 use super::actor::WsSession;
 use super::socket::WsSocket;
 use crate::auth::{AuthError, Identity};
+use crate::hooks::connect::{ConnectEvent, ConnectHook, ConnectVerdict, FORWARDED_HEADERS};
 use crate::http::ApiError;
 use crate::limits::ConnectionPermit;
 use crate::protocol::RoomName;
+use crate::protocol::UserId;
 use crate::state::AppState;
 use actix::Actor as _;
 use actix_codec::Framed;
@@ -24,6 +26,7 @@ use actix_http::{h1, ws, ConnectionType, Method, Request, RequestHead, Response,
 use actix_web::{http::header, http::StatusCode, web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::SinkExt;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpStream;
@@ -43,6 +46,8 @@ pub struct Admission {
     pub peer: Option<SocketAddr>,
     /// This connection's slot in its IP's count, freed when the session ends.
     pub permit: Option<ConnectionPermit>,
+    /// With a connect hook: what to ask it; `identity` is provisional until then.
+    pub connect: Option<ConnectEvent>,
 }
 
 /// Why an upgrade was refused: an HTTP status and a JSON body.
@@ -127,10 +132,21 @@ pub fn admit(head: &RequestHead, state: &AppState) -> Result<Admission, Refusal>
             "malformed query string",
         ));
     };
-    let identity = match state
-        .auth
-        .identify(query.token.as_deref(), query.user.as_deref())
-    {
+    let (token, user) = (query.token.as_deref(), query.user.as_deref());
+    let mut connect = None;
+    let identified = match &state.hooks.connect {
+        None => state.auth.identify(token, user),
+        Some(_) => state.auth.claim(token, user).map(|(user, expires_at)| {
+            connect = Some(connect_event(head, state, user.as_ref()));
+            Identity {
+                // Replaced by the hook's user before anything uses it.
+                user: user.unwrap_or_else(|| UserId::parse("pending").expect("a valid user id")),
+                rooms: None,
+                expires_at,
+            }
+        }),
+    };
+    let identity = match identified {
         Ok(identity) => identity,
         Err(e @ AuthError::BadUser(_)) => {
             return Err(refuse(
@@ -165,7 +181,80 @@ pub fn admit(head: &RequestHead, state: &AppState) -> Result<Admission, Refusal>
         room,
         peer,
         permit,
+        connect,
     })
+}
+
+/// The connect hook's request for this upgrade (PROTOCOL.md, "Backend hooks").
+fn connect_event(head: &RequestHead, state: &AppState, user: Option<&UserId>) -> ConnectEvent {
+    let query_string = head.uri.query().unwrap_or_default();
+    let mut query = web::Query::<BTreeMap<String, String>>::from_query(query_string)
+        .map(web::Query::into_inner)
+        .unwrap_or_default();
+    // The token was checked here; the backend never sees it.
+    query.remove("token");
+    let headers = FORWARDED_HEADERS
+        .iter()
+        .filter_map(|&name| {
+            let value = head.headers().get(name)?.to_str().ok()?;
+            Some((name, value.to_owned()))
+        })
+        .collect();
+    ConnectEvent {
+        event: "connect",
+        node: state.node_id.clone(),
+        ip: head.peer_addr.map(|peer| peer.ip().to_string()),
+        user: user.map(|u| u.as_str().to_owned()),
+        query,
+        headers,
+    }
+}
+
+/// Asks the connect hook about an admitted upgrade; on acceptance the
+/// identity is the backend's. Runs in the upgrade's own task, never in an
+/// actor; the IP's slot is held for at most `hooks.timeout_ms` meanwhile.
+async fn ask_connect_hook(
+    state: &AppState,
+    hook: &ConnectHook,
+    admission: &mut Admission,
+    event: ConnectEvent,
+) -> Result<(), Refusal> {
+    let Some(slot) = hook.slot() else {
+        return Err(refuse(
+            state,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "hook_busy",
+            "too many connections are being authorized; try again",
+        ));
+    };
+    match hook.ask(&event, slot).await {
+        ConnectVerdict::Accept { user, rooms } => {
+            admission.identity.user = user;
+            admission.identity.rooms = rooms;
+            Ok(())
+        }
+        ConnectVerdict::Refuse(401) => Err(refuse(
+            state,
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the backend refused this connection",
+        )),
+        ConnectVerdict::Refuse(_) => Err(refuse(
+            state,
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the backend refused this connection",
+        )),
+        ConnectVerdict::Unavailable(why) => {
+            tracing::warn!(error = %why, "connect hook failed; upgrade refused");
+            Err(refuse(
+                state,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "hook_unavailable",
+                "the connection could not be authorized; try again",
+            ))
+        }
+    }
 }
 
 /// `GET /ws` without `Upgrade: websocket` (upgrades go to [`serve_upgrade`]):
@@ -205,9 +294,18 @@ pub async fn serve_upgrade(
     } else {
         match admit(head, &state) {
             Err(refusal) => refusal.response().into(),
-            Ok(admission) => match ws::handshake(head) {
+            Ok(mut admission) => match ws::handshake(head) {
                 Err(e) => e.into(),
                 Ok(mut switching) => {
+                    if let (Some(hook), Some(event)) =
+                        (&state.hooks.connect, admission.connect.take())
+                    {
+                        if let Err(refusal) =
+                            ask_connect_hook(&state, hook, &mut admission, event).await
+                        {
+                            return respond_and_close(framed, refusal.response().into()).await;
+                        }
+                    }
                     let (response, _) = switching.finish().into_parts();
                     let item = h1::Message::Item((response, BodySize::None));
                     if framed.send(item).await.is_err() {

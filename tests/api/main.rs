@@ -8,6 +8,7 @@ mod config;
 mod docs;
 mod helpers;
 mod history;
+mod hooks;
 mod hostile_transport;
 mod http_api;
 mod load_tool;

@@ -3,6 +3,8 @@
 //! with the other nodes serving the room.
 
 use super::*;
+use crate::hooks::events::EventKind;
+use serde_json::json;
 
 impl RoomActor {
     /// Cluster mode: tells the other nodes who is here on this node.
@@ -55,8 +57,14 @@ impl RoomActor {
         if let Some(cutoff) = Instant::now().checked_sub(timeout) {
             let changes = self.presence.expire_remote(cutoff);
             if !changes.is_empty() {
+                // The silent node cannot report its users' departures; every
+                // node that sees them does.
                 for change in changes {
+                    self.report(&change);
                     self.tell_members(change);
+                }
+                if self.presence.is_empty() {
+                    self.emit(EventKind::RoomVacated, || json!({}));
                 }
                 self.update_stats();
             }
@@ -199,7 +207,17 @@ impl Handler<Committed> for RoomActor {
     fn handle(&mut self, msg: Committed, _ctx: &mut Context<Self>) {
         match self.log.as_ref() {
             Some(log) if msg.offset > log.durable => self.await_delivery(msg.offset, msg.reply),
-            _ => self.reply_ack(msg.reply, msg.offset),
+            _ => {
+                // Already here (fanned out before JetStream's answer came back).
+                if self.context.events.is_some() {
+                    let message = self
+                        .log
+                        .as_ref()
+                        .and_then(|log| log.tail.iter().rev().find(|m| m.offset == msg.offset));
+                    self.emit_message(message);
+                }
+                self.reply_ack(msg.reply, msg.offset)
+            }
         }
     }
 }

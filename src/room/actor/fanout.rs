@@ -2,6 +2,8 @@
 //! the publishers' acks after their messages.
 
 use super::*;
+use crate::hooks::events::EventKind;
+use serde_json::value::RawValue;
 
 impl RoomActor {
     /// Offers `frames` to every member `to` accepts (the same bytes to
@@ -95,7 +97,22 @@ impl Handler<Persisted> for RoomActor {
         if let (Some(frames), false) = (&frames, publishers.is_empty()) {
             delivered += self.fan_out(frames, |id, _| is_publisher(&id));
         }
+        if self.context.cluster.is_some() && self.context.events.is_some() {
+            // Cluster mode: this node's publishes come back from the
+            // cluster's log without a reply; their acks say which they are.
+            for (offset, _) in &acks {
+                let message = ready
+                    .iter()
+                    .map(|p| &p.message)
+                    .find(|m| m.offset == *offset);
+                self.emit_message(message);
+            }
+        }
         for pending in ready {
+            // Messages this node took (the others' nodes report theirs).
+            if pending.reply.is_some() {
+                self.emit(EventKind::Message, || message_event(&pending.message));
+            }
             if let Some(reply) = pending.reply {
                 self.reply_ack(reply, pending.message.offset);
             }
@@ -113,5 +130,36 @@ impl Handler<Persisted> for RoomActor {
                 .inc_by(delivered * count);
         }
         self.release_parked_joins(ctx);
+    }
+}
+
+impl RoomActor {
+    /// The `message` event of a message this node took. Its event id is the
+    /// message's own id, so a repeat (a publish retried with its `key`)
+    /// carries the same id.
+    pub(super) fn emit_message(&self, message: Option<&crate::protocol::EncodedMessage>) {
+        if let Some(message) = message {
+            self.emit(EventKind::Message, || message_event(message));
+        }
+    }
+}
+
+/// A `message` event's fields, read back from the encoded message.
+fn message_event(message: &crate::protocol::EncodedMessage) -> serde_json::Value {
+    #[derive(serde::Deserialize)]
+    struct Fields<'a> {
+        #[serde(borrow)]
+        id: &'a RawValue,
+        #[serde(borrow)]
+        user: &'a RawValue,
+        #[serde(borrow)]
+        data: &'a RawValue,
+    }
+    match serde_json::from_str::<Fields>(message.json.get()) {
+        Ok(f) => {
+            serde_json::json!({"offset": message.offset, "id": f.id, "user": f.user, "data": f.data})
+        }
+        // The hub encoded it itself, with these fields.
+        Err(_) => serde_json::json!({"offset": message.offset}),
     }
 }

@@ -25,6 +25,7 @@ use super::presence::{Change, Presence};
 use super::registry::{RoomContext, RoomRegistry, RoomStats};
 use super::replica::{self, Synced};
 use crate::cluster::{ClusterError, LogAppender, LogMessage, LogRecord, RoomEvent};
+use crate::hooks::events::EventKind;
 use crate::outbound::{Offer, Outbound, SessionLink, WireFrames};
 use crate::protocol::server::MessageTag;
 use crate::protocol::{
@@ -32,6 +33,7 @@ use crate::protocol::{
 };
 use crate::storage::{new_epoch, RoomSnapshot, StoreError, Take, WriteBatch, WriteOp};
 use actix::prelude::*;
+use serde_json::json;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -152,7 +154,13 @@ impl RoomActor {
             return;
         }
         self.empty_since = None;
+        // Reported by the node whose session made the change, so once for
+        // the cluster (the others hear of it through presence).
+        if self.presence.is_empty() {
+            self.emit(EventKind::RoomOccupied, || json!({}));
+        }
         if let Some(change) = self.presence.add_local(&user) {
+            self.report(&change);
             self.tell_members(change);
         }
         self.members.insert(session, Member { user, link });
@@ -173,6 +181,24 @@ impl RoomActor {
             }),
         };
         self.fan_out(&WireFrames::text(&frame), |_, _| true);
+    }
+
+    /// Reports a presence change to the events hook: the changes this node's
+    /// sessions make, and those of a node that died without a goodbye.
+    pub(super) fn report(&self, change: &Change) {
+        match change {
+            Change::Joined(user) => self.emit(EventKind::UserJoined, || json!({"user": user})),
+            Change::Left(user) => self.emit(EventKind::UserLeft, || json!({"user": user})),
+        }
+    }
+
+    /// Queues an events-hook event about this room (`room` is added).
+    pub(super) fn emit(&self, kind: EventKind, fields: impl FnOnce() -> serde_json::Value) {
+        crate::hooks::emit(self.context.events.as_ref(), kind, || {
+            let mut fields = fields();
+            fields["room"] = json!(self.name);
+            fields
+        });
     }
 
     fn remove_member(&mut self, session: SessionId) {
@@ -201,7 +227,13 @@ impl RoomActor {
         }
         self.update_stats();
         for change in gone {
+            self.report(&change);
             self.tell_members(change);
+        }
+        // After `user_left`: the room's last user leaves, then it is empty
+        // (on every node, as far as this one knows).
+        if removed && self.presence.is_empty() {
+            self.emit(EventKind::RoomVacated, || json!({}));
         }
         if removed {
             self.announce_presence();
