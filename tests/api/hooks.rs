@@ -9,15 +9,15 @@ use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const SECRET: &str = "hook-secret";
+pub(crate) const SECRET: &str = "hook-secret";
 
 /// One request the backend got.
 #[derive(Debug, Clone)]
-struct Got {
+pub(crate) struct Got {
     path: String,
     headers: Vec<(String, String)>,
     raw: Vec<u8>,
-    body: Value,
+    pub(crate) body: Value,
 }
 
 impl Got {
@@ -32,14 +32,16 @@ impl Got {
 /// What the backend answers: status, JSON body, and a delay before it.
 type Script = dyn Fn(&Got) -> (u16, Value, Duration) + Send + Sync;
 
-struct Backend {
+pub(crate) struct Backend {
     addr: std::net::SocketAddr,
     got: Arc<Mutex<Vec<Got>>>,
     server: actix_web::dev::ServerHandle,
 }
 
 impl Backend {
-    fn start(script: impl Fn(&Got) -> (u16, Value, Duration) + Send + Sync + 'static) -> Backend {
+    pub(crate) fn start(
+        script: impl Fn(&Got) -> (u16, Value, Duration) + Send + Sync + 'static,
+    ) -> Backend {
         use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
         let script: Arc<Script> = Arc::new(script);
         let got = Arc::new(Mutex::new(Vec::new()));
@@ -91,11 +93,11 @@ impl Backend {
         Backend { addr, got, server }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
 
-    fn got(&self) -> Vec<Got> {
+    pub(crate) fn got(&self) -> Vec<Got> {
         self.got.lock().unwrap().clone()
     }
 

@@ -555,6 +555,53 @@ async fn a_name_the_hub_cannot_use_is_explained() {
     .await;
 }
 
+/// With a connect hook, a backend's session cookie reaches the hook as the
+/// page's WebSocket connects, and the hook decides who the user is
+/// (whatever name the page asked for).
+#[tokio::test]
+async fn the_pages_cookie_reaches_the_connect_hook_which_names_the_user() {
+    use crate::hooks::{Backend, SECRET};
+    let backend = Backend::start(|got| {
+        let cookie = got.body["headers"]["cookie"].as_str().unwrap_or_default();
+        if cookie.contains("app_session=carol-s3cret") {
+            (200, json!({"user": "carol"}), Duration::ZERO)
+        } else {
+            (401, json!({}), Duration::ZERO)
+        }
+    });
+    let app = TestApp::spawn_with(&[
+        ("ROOMHUB_HOOKS__SECRET", SECRET),
+        ("ROOMHUB_HOOKS__CONNECT_URL", &backend.url("/connect")),
+    ])
+    .await;
+    let (origin, chat) = (app.url("/healthz"), app.url("/?user=guest&room=lobby"));
+    with_browsers(|browsers| async move {
+        let page = browsers.open(1000, 700).await;
+        // The backend's login would set this cookie for the hub's site.
+        page.goto(&origin).await;
+        page.js("document.cookie = 'app_session=carol-s3cret; path=/'", vec![])
+            .await;
+        page.goto(&chat).await;
+        page.wait_connected().await;
+        page.wait(
+            "the hook's user in the room's presence",
+            "return [...document.querySelectorAll('#presence li')].some(e => e.dataset.user === 'carol')",
+            vec![],
+        )
+        .await;
+    })
+    .await;
+    let connects: Vec<_> = backend
+        .got()
+        .into_iter()
+        .filter(|g| g.body["event"] == "connect")
+        .collect();
+    assert!(!connects.is_empty(), "the connect hook was called");
+    assert!(connects.iter().all(|g| g.body["headers"]["cookie"]
+        .as_str()
+        .is_some_and(|c| c.contains("app_session=carol-s3cret"))));
+}
+
 /// Writes `docs/chat.png` and `docs/chat-phone.png` (run by hand).
 #[tokio::test]
 #[ignore = "writes the README's screenshots; run with --ignored"]
