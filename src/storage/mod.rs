@@ -1,6 +1,7 @@
 //! Room history logs: the [`HistoryStore`] trait and its implementations.
 //!
-//! - [`sled_store::SledStore`] (the default): one sled database, written by a
+//! - [`sled_store::SledStore`] (the default): one sled database, each room's
+//!   messages in a ring of slots ([`keys`]), written by a
 //!   single writer thread that group-commits (many rooms' appends share one
 //!   flush), so no actor ever waits on disk to write; it checks room logs as
 //!   they load, and recovers by itself from write failures (a full disk).
