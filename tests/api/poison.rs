@@ -7,7 +7,7 @@ use crate::helpers::*;
 use roomhub::config::Durability;
 use roomhub::protocol::server::MessageTag;
 use roomhub::protocol::{Message, RoomName, UserId};
-use roomhub::storage::{keys, HistoryStore, SledStore, WriteBatch, WriteOp};
+use roomhub::storage::{keys, HistoryStore, SledStore, WriteOp};
 use serde_json::value::RawValue;
 use std::time::Duration;
 
@@ -90,22 +90,7 @@ fn store_behind_the_hubs_back(dir: &std::path::Path, room: &str, datas: &[String
             }
         })
         .collect();
-    let (tx, rx) = std::sync::mpsc::channel();
-    store.write(
-        WriteBatch {
-            room: room.clone(),
-            epoch,
-            generation: store.generation(),
-            ring: 1000,
-            ops,
-        },
-        Box::new(move |result| {
-            let _ = tx.send(result);
-        }),
-    );
-    rx.recv_timeout(WAIT)
-        .expect("the write finishes")
-        .expect("the write succeeds");
+    crate::store::write(&store, &room, epoch, ops);
     store.close().expect("close the store");
     epoch
 }

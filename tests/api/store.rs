@@ -23,7 +23,7 @@ fn message(room: &RoomName, offset: u64, ts: u64) -> EncodedMessage {
     .encode()
 }
 
-fn write(store: &dyn HistoryStore, room: &RoomName, epoch: u64, ops: Vec<WriteOp>) {
+pub(crate) fn write(store: &dyn HistoryStore, room: &RoomName, epoch: u64, ops: Vec<WriteOp>) {
     let (tx, rx) = mpsc::channel();
     store.write(
         WriteBatch {

@@ -13,6 +13,12 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// Publish limits out of the way: these tests publish in bursts.
+const UNTHROTTLED: [(&str, &str); 2] = [
+    ("ROOMHUB_LIMITS__PUBLISH_PER_SEC", "100000"),
+    ("ROOMHUB_LIMITS__PUBLISH_BURST", "100000"),
+];
+
 fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {
@@ -382,11 +388,7 @@ fn damage_largest_file(dir: &Path, len: usize) {
 /// `recovered: false` instead of a silent gap or a reused offset.
 #[tokio::test]
 async fn damaged_files_are_detected() {
-    let mut app = TestApp::spawn_with(&[
-        ("ROOMHUB_LIMITS__PUBLISH_PER_SEC", "100000"),
-        ("ROOMHUB_LIMITS__PUBLISH_BURST", "100000"),
-    ])
-    .await;
+    let mut app = TestApp::spawn_with(&UNTHROTTLED).await;
     let mut c = app.connect("user=alice").await;
     c.join("fragile").await;
     for i in 0..200 {
@@ -474,11 +476,7 @@ async fn a_data_dir_of_random_bytes_is_refused_with_exit_2() {
 /// handing out an offset it had served.
 #[tokio::test]
 async fn a_room_log_with_missing_messages_moves_to_a_new_epoch() {
-    let mut app = TestApp::spawn_with(&[
-        ("ROOMHUB_LIMITS__PUBLISH_PER_SEC", "100000"),
-        ("ROOMHUB_LIMITS__PUBLISH_BURST", "100000"),
-    ])
-    .await;
+    let mut app = TestApp::spawn_with(&UNTHROTTLED).await;
     let mut c = app.connect("user=alice").await;
     c.join("holey").await;
     for i in 0..20 {
