@@ -37,7 +37,7 @@ def main():
     fig, (ax_rss, ax_disk) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, path, style in (
         ("before (one sled batch per group)", args.before, "r-"),
-        ("after (bounded sled batches)", args.after, "g-"),
+        ("after (ring slots, bounded sled batches)", args.after, "g-"),
     ):
         secs, rss, disk = read(path)
         ax_rss.plot(secs, rss, style, label=label)
