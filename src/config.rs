@@ -184,13 +184,25 @@ pub struct ClusterSettings {
     pub nats_url: String,
     #[serde(deserialize_with = "lenient_string")]
     pub subject_prefix: String,
+    /// Replicas of the cluster's JetStream streams: 1, or 3 on a NATS
+    /// cluster of three or more servers.
+    pub replicas: usize,
+    /// How many JetStream streams hold all rooms' logs (a room's stream is
+    /// chosen by a hash of its name). Fixed for the life of a cluster: every
+    /// node must use the same value.
+    pub partitions: u32,
 }
+
+/// The default `cluster.partitions` (see docs/operations.md, "Cluster").
+pub const DEFAULT_PARTITIONS: u32 = 8;
 
 impl Default for ClusterSettings {
     fn default() -> Self {
         Self {
             nats_url: String::new(),
             subject_prefix: "roomhub".into(),
+            replicas: 1,
+            partitions: DEFAULT_PARTITIONS,
         }
     }
 }
@@ -451,6 +463,15 @@ impl Settings {
                     ));
                 }
             }
+        }
+        if !(1..=5).contains(&self.cluster.replicas) {
+            return Err((
+                "cluster.replicas",
+                "must be 1 to 5 (JetStream's limit); 3 on a NATS cluster of three servers".into(),
+            ));
+        }
+        if !(1..=1024).contains(&self.cluster.partitions) {
+            return Err(("cluster.partitions", "must be 1 to 1024".into()));
         }
         let prefix_ok = !self.cluster.subject_prefix.is_empty()
             && self
