@@ -82,6 +82,7 @@ pub struct Cluster {
     max_per_room: i64,
     max_age: Duration,
     dedup_window: Duration,
+    replicas: usize,
     health: Arc<JetStreamHealth>,
     feeds: Arc<FeedReport>,
 }
@@ -133,6 +134,7 @@ impl Cluster {
             subjects: Subjects::new(&settings.cluster.subject_prefix),
             node_id: node_id.to_owned(),
             max_per_room: settings.history.max_per_room as i64,
+            replicas: settings.cluster.replicas,
             max_age: Duration::from_secs(ttl),
             // JetStream refuses a dedup window longer than the stream's max age.
             dedup_window: Duration::from_secs(if ttl > 0 { dedup.min(ttl) } else { dedup }),
@@ -172,6 +174,7 @@ impl Cluster {
             duplicate_window: self.dedup_window,
             discard: stream::DiscardPolicy::Old,
             storage: stream::StorageType::File,
+            num_replicas: self.replicas,
             ..Default::default()
         }
     }

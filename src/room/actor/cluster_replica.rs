@@ -1,30 +1,9 @@
 //! Cluster mode: the room follows its cluster log (catch-up, then records in
-//! log order), hands publishes to it, and exchanges presence and typing
-//! with the other nodes serving the room.
+//! log order) and hands publishes to it.
 
 use super::*;
-use crate::hooks::events::EventKind;
-use serde_json::json;
 
 impl RoomActor {
-    /// Cluster mode: tells the other nodes who is here on this node.
-    pub(super) fn announce_presence(&mut self) {
-        let Some(cluster) = &self.context.cluster else {
-            return;
-        };
-        if self.log.is_none() {
-            return;
-        }
-        cluster.send_room_event(
-            &self.name,
-            &RoomEvent::Presence {
-                node: cluster.node_id().to_owned(),
-                users: self.presence.local_counts(),
-            },
-        );
-        self.announced = Instant::now();
-    }
-
     /// Cluster mode: retries a failed catch-up, forgets the presence of nodes
     /// gone silent, and refreshes this node's presence for the others.
     pub(super) fn maintain_cluster(&mut self, ctx: &mut Context<Self>) {
@@ -33,45 +12,6 @@ impl RoomActor {
         }
         self.check_feed(ctx);
         self.release_parked_joins(ctx);
-    }
-
-    /// Cluster mode: how often this node tells the others its presence (at
-    /// least twice per `heartbeat.timeout_ms`, so a live node never lapses),
-    /// and how often it checks theirs (twice per announcement, so a silent
-    /// node is gone within 1.25 × the timeout, inside the contract's 2 ×).
-    pub(super) fn presence_periods(&self) -> (Duration, Duration) {
-        let heartbeat = &self.context.settings.heartbeat;
-        let announce = Duration::from_millis(heartbeat.interval_ms.min(heartbeat.timeout_ms / 2));
-        let check = (announce / 2).clamp(Duration::from_millis(5), MAINTENANCE_EVERY);
-        (announce, check)
-    }
-
-    /// Cluster mode: forgets the presence of nodes gone silent and refreshes
-    /// this node's presence for the others.
-    pub(super) fn tick_presence(&mut self) {
-        if self.log.is_none() {
-            return;
-        }
-        let timeout = Duration::from_millis(self.context.settings.heartbeat.timeout_ms);
-        let (announce_every, _) = self.presence_periods();
-        if let Some(cutoff) = Instant::now().checked_sub(timeout) {
-            let changes = self.presence.expire_remote(cutoff);
-            if !changes.is_empty() {
-                // The silent node cannot report its users' departures; every
-                // node that sees them does.
-                for change in changes {
-                    self.report(&change);
-                    self.tell_members(change);
-                }
-                if self.presence.is_empty() {
-                    self.emit(EventKind::RoomVacated, || json!({}));
-                }
-                self.update_stats();
-            }
-        }
-        if self.presence.local_users() > 0 && self.announced.elapsed() >= announce_every {
-            self.announce_presence();
-        }
     }
 
     /// Cluster mode: catches up with the room's cluster log; the mailbox
@@ -254,49 +194,4 @@ impl StreamHandler<LogMessage> for RoomActor {
     fn finished(&mut self, ctx: &mut Context<Self>) {
         self.feed_ended(ctx);
     }
-}
-
-/// Cluster mode: presence and typing from the other nodes in the room.
-impl StreamHandler<async_nats::Message> for RoomActor {
-    fn handle(&mut self, event: async_nats::Message, _ctx: &mut Context<Self>) {
-        let Ok(event) = serde_json::from_slice::<RoomEvent>(&event.payload) else {
-            return tracing::warn!(room = %self.name, "ignored a malformed cluster event");
-        };
-        let Some(cluster) = self.context.cluster.clone() else {
-            return;
-        };
-        if event.node() == cluster.node_id() {
-            return;
-        }
-        match event {
-            RoomEvent::Presence { node, users } => {
-                let users = users
-                    .into_iter()
-                    .filter_map(|(user, n)| UserId::parse(&user).ok().map(|u| (u, n)))
-                    .collect();
-                for change in self.presence.set_remote(&node, users, Instant::now()) {
-                    self.tell_members(change);
-                }
-                self.update_stats();
-            }
-            RoomEvent::Sync { .. } => {
-                if self.presence.local_users() > 0 {
-                    self.announce_presence();
-                }
-            }
-            RoomEvent::Typing { user, active, .. } => {
-                let Ok(user) = UserId::parse(&user) else {
-                    return;
-                };
-                let frame = encode(&ServerFrame::Typing {
-                    room: &self.name,
-                    user: &user,
-                    active,
-                });
-                self.fan_out(&WireFrames::text(&frame), |_, member| member.user != user);
-            }
-        }
-    }
-
-    fn finished(&mut self, _ctx: &mut Context<Self>) {}
 }

@@ -18,7 +18,9 @@
 //! - [`publish`]: offsets, appends, pruning, store failures;
 //! - [`fanout`]: durable groups to every member, then the acks;
 //! - [`reads`]: `join` (history, exact resume) and `history` pages;
-//! - [`cluster_replica`]: cluster mode (follow the cluster log, presence).
+//! - [`cluster_replica`]: cluster mode: follow the cluster log, append to it;
+//! - [`cluster_feed`]: cluster mode: keep the live feed of the log running;
+//! - [`cluster_presence`]: cluster mode: presence and typing between nodes.
 
 use super::messages::*;
 use super::presence::{Change, Presence};
@@ -40,6 +42,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod cluster_feed;
+mod cluster_presence;
 mod cluster_replica;
 mod fanout;
 mod log_state;
