@@ -1,12 +1,15 @@
 //! Cluster mode: with `cluster.nats_url` set, nodes share rooms through NATS.
 //!
-//! - Each room's **cluster log** is a JetStream stream of its own, so the
-//!   stream's sequence numbers are the room's offsets and its creation time
-//!   is the room's epoch: the same on every node, with no sequencing of ours.
-//!   A publish is acked once JetStream has stored it (`Nats-Msg-Id` = the
-//!   idempotency key, so a repeat is refused cluster-wide). Every node's room
-//!   actor follows its log with an ordered consumer, writes what arrives to
-//!   its sled log and fans it out: one order, everywhere.
+//! - Each room's **cluster log** is one subject in one of a fixed set of
+//!   JetStream streams (`cluster.partitions`, chosen by a hash of the room),
+//!   with per-subject retention. Its records are batches of messages that
+//!   carry their epoch and offsets. A node appends only after the room's
+//!   newest record (`Nats-Expected-Last-Subject-Sequence`), so there is one
+//!   order and every writer has seen all before its own; a publish is acked
+//!   once JetStream has stored it and this node has applied it. Nodes that
+//!   serve the room hear each stored record on a core subject (JetStream
+//!   republishes it) and read any they missed by direct get: no consumer,
+//!   stream or entry per room, and no traffic for rooms a node does not serve.
 //! - Presence, typing and direct messages are core NATS: they need no log.
 //!   A node refreshes its presence in each room every heartbeat interval;
 //!   a node not heard of for `heartbeat.timeout_ms` has left the room.
@@ -16,15 +19,16 @@
 
 mod feed_report;
 mod health;
+mod log;
 mod nats;
+mod partitions;
 mod records;
 mod subjects;
 
-pub use nats::{
-    AppendDone, Cluster, ClusterError, LogAppender, LogBounds, LogMessage, RuntimeBound,
-};
-pub use records::{DirectRecord, LogRecord, RecordError, RoomEvent};
-pub use subjects::Subjects;
+pub use log::{live_sequence, AppendError, StoredRecord};
+pub use nats::{Cluster, ClusterError, RuntimeBound};
+pub use records::{DirectRecord, LogBatch, LogRecord, RecordError, RoomEvent};
+pub use subjects::{RoomLog, Subjects};
 
 use crate::directory::SessionDirectory;
 use futures_util::StreamExt;

@@ -1,11 +1,12 @@
-//! What nodes send each other, as JSON. The room log's records carry
-//! everything of a message but its offset, which is the record's sequence
-//! number in the room's stream: so id, user, data and `ts` are made once, on
-//! the node that took the publish, and are the same on every node.
+//! What nodes send each other, as JSON. A record of a room's cluster log is
+//! a [`LogBatch`]: consecutive messages with the room's epoch and the first
+//! one's offset, so id, user, data, `ts`, epoch and offset are made once, on
+//! the node that took the publishes, and are the same on every node.
 
 use crate::protocol::{EncodedMessage, Message, RoomName, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +15,45 @@ pub enum RecordError {
     Json(#[from] serde_json::Error),
     #[error("malformed cluster record: bad user id")]
     User,
+    #[error("malformed cluster record: no messages, or offset 0")]
+    Empty,
+}
+
+/// One record of a room's cluster log: messages `first..first + len`.
+#[derive(Serialize, Deserialize)]
+pub struct LogBatch<'a> {
+    /// The room's epoch.
+    #[serde(rename = "e")]
+    pub epoch: u64,
+    /// The offset of the first message.
+    #[serde(rename = "o")]
+    pub first: u64,
+    /// The writer's id for this batch, so a writer whose ack was lost knows
+    /// its batch when it finds it in the log.
+    #[serde(rename = "b")]
+    pub batch: Cow<'a, str>,
+    #[serde(rename = "m", borrow)]
+    pub messages: Vec<LogRecord<'a>>,
+}
+
+impl<'a> LogBatch<'a> {
+    pub fn decode(payload: &'a [u8]) -> Result<LogBatch<'a>, RecordError> {
+        let batch: LogBatch = serde_json::from_slice(payload)?;
+        if batch.messages.is_empty() || batch.first == 0 {
+            return Err(RecordError::Empty);
+        }
+        Ok(batch)
+    }
+
+    /// The offset of the last message.
+    pub fn last(&self) -> u64 {
+        self.first + self.messages.len() as u64 - 1
+    }
+
+    /// The messages with their offsets, oldest first.
+    pub fn offsets(&self) -> impl Iterator<Item = (u64, &LogRecord<'a>)> {
+        (self.first..).zip(self.messages.iter())
+    }
 }
 
 /// One message in a room's cluster log.
@@ -24,6 +64,10 @@ pub struct LogRecord<'a> {
     #[serde(borrow)]
     pub data: &'a RawValue,
     pub ts: u64,
+    /// The publish's idempotency key: every node learns it with the
+    /// message, so a repeat is recognised on whichever node it arrives.
+    #[serde(rename = "k", default, borrow, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Cow<'a, str>>,
 }
 
 impl LogRecord<'_> {
@@ -98,6 +142,7 @@ mod tests {
             user: "ann",
             data: &data,
             ts: 7,
+            key: None,
         };
         let bytes = serde_json::to_vec(&record).unwrap();
         let room = RoomName::parse("r").unwrap();
@@ -128,6 +173,31 @@ mod tests {
             assert!(message.as_str().contains(data), "{}", message.as_str());
             assert_eq!((message.offset, message.ts), (3, 1));
         }
+    }
+
+    #[test]
+    fn a_batch_round_trips_with_offsets_and_keys() {
+        let data = RawValue::from_string("1".into()).unwrap();
+        let record = |id, key: Option<&'static str>| LogRecord {
+            id,
+            user: "ann",
+            data: &data,
+            ts: 1,
+            key: key.map(Cow::Borrowed),
+        };
+        let batch = LogBatch {
+            epoch: 9,
+            first: 4,
+            batch: "n1-1".into(),
+            messages: vec![record("a", Some("k\"1")), record("b", None)],
+        };
+        let bytes = serde_json::to_vec(&batch).unwrap();
+        let back = LogBatch::decode(&bytes).unwrap();
+        assert_eq!((back.epoch, back.first, back.last()), (9, 4, 5));
+        let offsets: Vec<_> = back.offsets().map(|(o, r)| (o, r.id)).collect();
+        assert_eq!(offsets, [(4, "a"), (5, "b")]);
+        assert_eq!(back.messages[0].key.as_deref(), Some("k\"1"));
+        assert!(LogBatch::decode(br#"{"e":1,"o":1,"b":"x","m":[]}"#).is_err());
     }
 
     #[test]

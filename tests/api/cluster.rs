@@ -473,8 +473,9 @@ async fn a_foreign_record_in_a_room_log_is_skipped_and_forgets_nothing() {
     }
     // Something that is not roomhub writes garbage into the room's log.
     let client = async_nats::connect(nats.url()).await.unwrap();
-    let subject = roomhub::cluster::Subjects::new("roomhub")
-        .log(&roomhub::protocol::RoomName::parse("foreign").unwrap());
+    let subject = roomhub::cluster::Subjects::new("roomhub", 8)
+        .room_log(&roomhub::protocol::RoomName::parse("foreign").unwrap())
+        .subject;
     async_nats::jetstream::new(client)
         .publish(subject, "not a record".into())
         .await

@@ -5,22 +5,8 @@
 
 use crate::helpers::{TestApp, TestClient, WAIT};
 use crate::nats::{spawn_node, wait_ready, NatsServer};
-use async_nats::jetstream;
-use futures_util::TryStreamExt;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-
-/// The JetStream stream that holds `room`'s cluster log (found by the
-/// description the hub gives it, so the test need not know its naming).
-async fn room_stream(js: &jetstream::Context, room: &str) -> jetstream::stream::Stream {
-    let description = format!("roomhub room {room}");
-    let infos: Vec<_> = js.streams().try_collect().await.expect("list streams");
-    let info = infos
-        .into_iter()
-        .find(|info| info.config.description.as_deref() == Some(description.as_str()))
-        .expect("the room has a stream");
-    js.get_stream(&info.config.name).await.expect("get stream")
-}
 
 /// The next `message` frame of `room`, within `WAIT`.
 async fn next_message(client: &mut TestClient, room: &str) -> Value {
@@ -63,36 +49,90 @@ async fn post_until_committed(node: &TestApp, room: &str, body: Value) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_room_whose_consumer_vanishes_repairs_its_feed() {
+async fn a_room_that_misses_live_records_reads_them() {
     let nats = NatsServer::start();
-    let node = spawn_node(&nats, None, &[]).await;
-    let mut ann = node.connect("user=ann").await;
+    let a = spawn_node(&nats, None, &[]).await;
+    // Node b reaches NATS through a proxy the test can cut.
+    let proxy = CuttableProxy::start(&nats.url()).await;
+    let b_url = proxy.url();
+    let b = crate::helpers::TestApp::spawn_with(&[
+        ("ROOMHUB_CLUSTER__NATS_URL", b_url.as_str()),
+        ("ROOMHUB_LIMITS__PUBLISH_PER_SEC", "1000"),
+        ("ROOMHUB_LIMITS__PUBLISH_BURST", "1000"),
+    ])
+    .await;
+    wait_ready(&b, true).await;
+    let mut ann = b.connect("user=ann").await;
     ann.join("deaf").await;
     let before = ann.publish("deaf", json!("before")).await;
-    // Behind the hub's back: every consumer of the room's stream goes.
-    let client = async_nats::connect(nats.url()).await.expect("connect");
-    let js = jetstream::new(client);
-    let stream = room_stream(&js, "deaf").await;
-    let consumers: Vec<String> = stream.consumer_names().try_collect().await.unwrap();
-    assert!(!consumers.is_empty(), "the node follows the room");
-    for consumer in &consumers {
-        stream
-            .delete_consumer(consumer)
-            .await
-            .expect("delete consumer");
+    // b's link drops (its live subscriptions with it) while a appends:
+    // what b did not hear live it must read from the log.
+    proxy.cut();
+    let mut offsets = Vec::new();
+    for n in 0..5 {
+        let (status, body) = post(&a, "deaf", json!({"data": n})).await;
+        assert_eq!(status, 201, "{body}");
+        offsets.push(body["offset"].as_u64().unwrap());
     }
-    // The next publish is delivered and acked, within the bound (ann reads
-    // meanwhile, so her session keeps answering the hub's pings).
-    let ((status, body), got) = tokio::join!(
-        post(&node, "deaf", json!({"data": "after"})),
-        next_message(&mut ann, "deaf"),
-    );
-    assert_eq!(status, 201, "{body}");
-    assert_eq!(body["offset"], before + 1, "{body}");
-    assert_eq!(got["offset"], before + 1);
-    // And the room keeps working afterwards.
+    proxy.restore();
+    for offset in offsets {
+        assert_eq!(next_message(&mut ann, "deaf").await["offset"], offset);
+    }
+    // And the room keeps working afterwards, on both nodes.
     let next = ann.publish("deaf", json!("later")).await;
-    assert_eq!(next, before + 2);
+    assert_eq!(next, before + 6);
+}
+
+/// A TCP proxy in front of NATS whose connections the test can cut (and
+/// refuse until restored): a node's link drops while NATS stays up.
+struct CuttableProxy {
+    port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cuts: tokio::sync::watch::Sender<u64>,
+}
+
+impl CuttableProxy {
+    async fn start(upstream: &str) -> CuttableProxy {
+        use std::sync::atomic::Ordering;
+        let upstream = upstream.trim_start_matches("nats://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cuts, _) = tokio::sync::watch::channel(0u64);
+        let (accepting, cut_signal) = (open.clone(), cuts.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !accepting.load(Ordering::SeqCst) {
+                    continue; // Dropped: refused while cut.
+                }
+                let upstream = upstream.clone();
+                let mut cut = cut_signal.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        CuttableProxy { port, open, cuts }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cuts.send_modify(|n| *n += 1);
+    }
+
+    fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,66 +1,207 @@
-//! Cluster mode: keeps the room's live feed of its cluster log running.
+//! Cluster mode: the room's live feed of its cluster log, kept whole.
 //!
-//! The ordered consumer re-creates itself after a reconnect, but not when it
-//! vanishes otherwise (deleted, reaped, lost by NATS): it then only reports
-//! missed heartbeats, and a room that trusted it would never apply another
-//! record nor answer a waiting ack. So the room repairs its feed (a new
-//! consumer from the record after the last one applied) when the feed
-//! reports an error or ends, or when a publish JetStream committed is not
-//! delivered soon; and no ack waits longer than [`APPLY_LIMIT`].
+//! JetStream republishes each stored record on the room's live subject;
+//! this node listens while it serves the room. Core NATS delivers at most
+//! once, so the feed is never trusted alone: a record whose offsets do not
+//! follow the newest applied, a reconnect or a slow subscription (the link's
+//! generation rises), a join that saw an offset this node lacks, and a
+//! periodic check while the room has members all make the room read its log
+//! after the newest record it applied (direct gets, in order). A feed that
+//! ends is subscribed again. So a room cannot go deaf: at worst it hears of
+//! a record one check later.
 
 use super::*;
-use crate::cluster::RuntimeBound;
-use async_nats::jetstream::consumer::push::Ordered;
+use crate::cluster::{live_sequence, RoomLog, RuntimeBound, StoredRecord};
+use cluster_replica::Source;
 
-/// A committed publish still not delivered after this long means the feed
-/// stopped (deliveries normally follow JetStream's ack within milliseconds).
-const FEED_STALL: Duration = Duration::from_secs(2);
-/// The longest an ack waits for this node to apply a committed publish
-/// (checked each maintenance tick, so up to a second more); then the client
-/// is told it was committed but not applied here.
-const APPLY_LIMIT: Duration = Duration::from_secs(8);
+/// How often a room with members reads its log even though the feed looks
+/// whole (one direct get, answered "nothing new" when all is well).
+const VERIFY_EVERY: Duration = Duration::from_secs(10);
+/// The most records one read applies before the room's other work.
+const READ_BATCH: usize = 256;
 
-/// The state of the room's live feed.
+/// The state of the room's place in its cluster log.
 #[derive(Default)]
 pub(super) struct Feed {
-    /// The stream now followed (replaced on repair).
-    handle: Option<SpawnHandle>,
-    /// The newest offset JetStream committed for a publish of this node.
-    committed: u64,
-    /// Since when a committed offset has waited for delivery without any
-    /// record arriving.
-    behind_since: Option<Instant>,
-    /// A new consumer is being made.
-    repairing: bool,
-    /// A repair is due at the next tick: the last attempt failed, or the
-    /// feed ended while the link was down (nothing else would report it).
-    retry: bool,
+    pub(super) log: Option<RoomLog>,
+    /// The stream sequence of the newest record applied (0: none).
+    pub(super) head: u64,
+    /// The partition stream's incarnation the room caught up under.
+    incarnation: u64,
+    /// The link generation when the room last read its log.
+    link_generation: u64,
+    live: Option<SpawnHandle>,
+    /// A new live subscription is being made.
+    subscribing: bool,
+    pub(super) events: Option<SpawnHandle>,
+    /// A read of the log is under way.
+    pub(super) reading: bool,
+    /// Another read is due (asked for during one, or the last one failed).
+    read_again: bool,
+    /// When the log was last read.
+    read_at: Option<Instant>,
     /// The feed is known to have stopped (counted once in the node's report).
     lost: bool,
-    /// Offsets committed for this node's publishes whose acks may still
-    /// wait, with when JetStream committed them, in commit order. (One list
-    /// checked each maintenance tick, not a timer per publish: actix polls
-    /// every future of a context on each wake-up.)
-    awaiting: VecDeque<(u64, Instant)>,
 }
 
+/// A record as JetStream republished it.
+pub(super) struct LiveRecord(async_nats::Message);
+
 impl RoomActor {
-    /// Follows `follow` from now on, instead of any earlier feed.
-    pub(super) fn follow_feed(&mut self, ctx: &mut Context<Self>, follow: RuntimeBound<Ordered>) {
-        if let Some(old) = self.feed.handle.take() {
-            ctx.cancel_future(old);
-        }
-        self.feed.handle = Some(ctx.add_stream(follow));
+    /// Follows the room's log from the record at `head` on.
+    pub(super) fn follow_log(
+        &mut self,
+        ctx: &mut Context<Self>,
+        log: RoomLog,
+        head: u64,
+        incarnation: u64,
+        live: RuntimeBound<async_nats::Subscriber>,
+    ) {
+        let generation = self
+            .context
+            .cluster
+            .as_ref()
+            .map_or(0, |c| c.link_generation());
+        self.feed.log = Some(log);
+        self.feed.head = head;
+        self.feed.incarnation = incarnation;
+        self.feed.link_generation = generation;
+        self.feed.read_at = Some(Instant::now());
+        self.listen(ctx, live);
     }
 
-    /// A record arrived: the feed runs.
-    pub(super) fn feed_progressed(&mut self) {
-        self.feed_restored();
-        let behind = self
-            .log
-            .as_ref()
-            .is_some_and(|log| self.feed.committed > log.last_assigned);
-        self.feed.behind_since = behind.then(Instant::now);
+    fn listen(&mut self, ctx: &mut Context<Self>, live: RuntimeBound<async_nats::Subscriber>) {
+        use futures_util::StreamExt;
+        if let Some(old) = self.feed.live.take() {
+            ctx.cancel_future(old);
+        }
+        self.feed.live = Some(ctx.add_stream(live.map(LiveRecord)));
+    }
+
+    /// Each maintenance tick: a new incarnation of the partition means the
+    /// log this room followed is gone; records may have been missed since
+    /// the link's last hiccup; a failed read is tried again; a room with
+    /// members checks its log now and then.
+    pub(super) fn check_feed(&mut self, ctx: &mut Context<Self>) {
+        let (Some(cluster), Some(log)) = (self.context.cluster.clone(), self.feed.log.as_ref())
+        else {
+            return;
+        };
+        let incarnation = cluster.incarnation(log.partition);
+        if incarnation != 0 && incarnation != self.feed.incarnation {
+            return self.restart_from_cluster(ctx, "NATS made the room's partition stream anew");
+        }
+        if !cluster.is_linked() {
+            // Nothing is heard live meanwhile (counted once, for the node's report).
+            self.feed_failed(&"the cluster link is down");
+        }
+        if self.feed.live.is_none() && !self.feed.subscribing && cluster.is_linked() {
+            self.resubscribe(ctx);
+        }
+        let missed = cluster.link_generation() != self.feed.link_generation;
+        let due = !self.members.is_empty()
+            && self
+                .feed
+                .read_at
+                .is_none_or(|at| at.elapsed() >= VERIFY_EVERY);
+        if missed || due || self.feed.read_again || !self.parked_joins.is_empty() {
+            self.read_log(ctx);
+        }
+        self.check_outbox(ctx);
+    }
+
+    /// Reads the records after the newest applied, in order, and applies
+    /// them; then the room's appends go on.
+    pub(super) fn read_log(&mut self, ctx: &mut Context<Self>) {
+        let (Some(cluster), Some(log)) = (self.context.cluster.clone(), self.feed.log.clone())
+        else {
+            return;
+        };
+        if self.feed.reading {
+            self.feed.read_again = true;
+            return;
+        }
+        if !cluster.is_linked() {
+            self.feed.read_again = true;
+            return;
+        }
+        self.feed.reading = true;
+        self.feed.read_again = false;
+        self.feed.link_generation = cluster.link_generation();
+        self.feed.read_at = Some(Instant::now());
+        let head = self.feed.head;
+        let read = async move {
+            let mut records = Vec::new();
+            let mut after = head;
+            while records.len() < READ_BATCH {
+                match cluster.record_after(&log, after).await {
+                    Ok(Some(record)) => {
+                        after = record.seq;
+                        records.push(record);
+                    }
+                    Ok(None) => return (records, Ok(true)),
+                    Err(error) => return (records, Err(error)),
+                }
+            }
+            (records, Ok(false))
+        };
+        ctx.spawn(read.into_actor(self).map(|(records, outcome), act, ctx| {
+            act.feed.reading = false;
+            for record in records {
+                act.apply_record(ctx, record, Source::Log);
+                if act.log.is_none() {
+                    return; // Restarted from the cluster.
+                }
+            }
+            match outcome {
+                Ok(true) => {
+                    act.feed_restored();
+                    act.log_read(ctx);
+                }
+                Ok(false) => act.read_log(ctx),
+                Err(error) => {
+                    act.feed_failed(&error);
+                    act.feed.read_again = true;
+                }
+            }
+            if act.feed.read_again && !act.feed.reading {
+                act.read_log(ctx);
+            }
+        }));
+    }
+
+    fn resubscribe(&mut self, ctx: &mut Context<Self>) {
+        let (Some(cluster), Some(log)) = (self.context.cluster.clone(), self.feed.log.clone())
+        else {
+            return;
+        };
+        self.feed.subscribing = true;
+        let subscribe = async move { cluster.live(&log).await };
+        ctx.spawn(
+            subscribe
+                .into_actor(self)
+                .map(|result, act, ctx| match result {
+                    Ok(live) => {
+                        act.feed.subscribing = false;
+                        act.listen(ctx, live);
+                        // Records stored while no one listened.
+                        act.read_log(ctx);
+                    }
+                    Err(error) => {
+                        act.feed.subscribing = false;
+                        act.feed_failed(&error);
+                    }
+                }),
+        );
+    }
+
+    fn feed_failed(&mut self, why: &dyn std::fmt::Display) {
+        tracing::debug!(room = %self.name, %why, "cluster feed interrupted");
+        if !std::mem::replace(&mut self.feed.lost, true) {
+            if let Some(cluster) = &self.context.cluster {
+                cluster.feed_lost();
+            }
+        }
     }
 
     fn feed_restored(&mut self) {
@@ -70,110 +211,25 @@ impl RoomActor {
             }
         }
     }
+}
 
-    /// The feed reported an error or ended: repair it.
-    pub(super) fn feed_failed(&mut self, ctx: &mut Context<Self>, why: &dyn std::fmt::Display) {
-        tracing::debug!(room = %self.name, %why, "cluster feed stopped");
-        if !std::mem::replace(&mut self.feed.lost, true) {
-            if let Some(cluster) = &self.context.cluster {
-                cluster.feed_lost();
-            }
-        }
-        self.repair_feed(ctx);
-    }
-
-    /// The followed stream ended by itself.
-    pub(super) fn feed_ended(&mut self, ctx: &mut Context<Self>) {
-        self.feed.handle = None;
-        self.feed_failed(ctx, &"the cluster log ended");
-    }
-
-    /// Each maintenance tick: acks waiting too long are answered, a failed
-    /// repair is tried again, and a stalled feed is taken for lost.
-    pub(super) fn check_feed(&mut self, ctx: &mut Context<Self>) {
-        let Some(durable) = self.log.as_ref().map(|log| log.durable) else {
-            return;
+/// Cluster mode: the room's records, live, as JetStream stored them.
+impl StreamHandler<LiveRecord> for RoomActor {
+    fn handle(&mut self, LiveRecord(message): LiveRecord, ctx: &mut Context<Self>) {
+        let Some(seq) = live_sequence(&message) else {
+            return tracing::warn!(room = %self.name, "a live cluster record without its sequence");
         };
-        while let Some(&(offset, committed)) = self.feed.awaiting.front() {
-            if offset > durable && committed.elapsed() < APPLY_LIMIT {
-                break;
-            }
-            self.feed.awaiting.pop_front();
-            if offset > durable {
-                self.give_up_waiting(offset);
-            }
-        }
-        let stalled = self
-            .feed
-            .behind_since
-            .is_some_and(|since| since.elapsed() >= FEED_STALL);
-        if stalled {
-            self.feed.behind_since = Some(Instant::now());
-            self.feed_failed(ctx, &"committed publishes were not delivered");
-        } else if self.feed.retry {
-            self.repair_feed(ctx);
-        }
-    }
-
-    /// Makes a new consumer from the record after the last one applied; the
-    /// old feed goes once the new one is there (repeats are skipped by offset).
-    fn repair_feed(&mut self, ctx: &mut Context<Self>) {
-        let (Some(cluster), Some(log)) = (self.context.cluster.clone(), self.log.as_ref()) else {
-            return;
+        let record = StoredRecord {
+            seq,
+            payload: message.payload,
         };
-        if self.feed.repairing {
-            return;
-        }
-        if !cluster.is_linked() {
-            // A feed still there re-creates its consumer on reconnect, and
-            // reports missed heartbeats again (every 10 s) if that fails: a
-            // repair now would make a second consumer per room on every NATS
-            // restart. Only an ended feed needs the next tick to retry.
-            self.feed.retry = self.feed.handle.is_none();
-            return;
-        }
-        self.feed.repairing = true;
-        self.feed.retry = false;
-        let (room, from) = (self.name.clone(), log.last_assigned + 1);
-        let follow = async move { cluster.follow(&room, from).await };
-        ctx.spawn(follow.into_actor(self).map(|result, act, ctx| {
-            act.feed.repairing = false;
-            match result {
-                Ok(follow) => {
-                    act.follow_feed(ctx, follow);
-                    act.feed_restored();
-                }
-                Err(error) => {
-                    act.feed.retry = true;
-                    tracing::debug!(room = %act.name, %error, "cluster feed not repaired yet")
-                }
-            }
-        }));
+        self.apply_record(ctx, record, Source::Live);
     }
 
-    /// JetStream committed `offset` for a publish of this node, not applied
-    /// here yet: the ack waits, but not beyond [`APPLY_LIMIT`].
-    pub(super) fn await_delivery(&mut self, offset: u64, reply: PublishReply) {
-        let Some(log) = self.log.as_mut() else { return };
-        log.waiting_acks.push((offset, reply));
-        if offset > log.last_assigned && self.feed.behind_since.is_none() {
-            self.feed.behind_since = Some(Instant::now());
-        }
-        self.feed.committed = self.feed.committed.max(offset);
-        self.feed.awaiting.push_back((offset, Instant::now()));
-    }
-
-    /// Answers the acks still waiting for offsets up to `offset` with an
-    /// error that says they were committed.
-    fn give_up_waiting(&mut self, offset: u64) {
-        let Some(log) = self.log.as_mut() else { return };
-        let (late, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut log.waiting_acks)
-            .into_iter()
-            .partition(|(o, _)| *o <= offset);
-        log.waiting_acks = waiting;
-        for (offset, reply) in late {
-            let error = RoomError::Unavailable(ClusterError::NotApplied(offset));
-            self.reply_error(reply, error);
-        }
+    /// The subscription ended (the client gave it up): the next tick makes
+    /// a new one and reads what was missed.
+    fn finished(&mut self, _ctx: &mut Context<Self>) {
+        self.feed.live = None;
+        self.feed_failed(&"the live feed ended");
     }
 }

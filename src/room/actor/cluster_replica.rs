@@ -1,11 +1,25 @@
-//! Cluster mode: the room follows its cluster log (catch-up, then records in
-//! log order) and hands publishes to it.
+//! Cluster mode: the room follows its cluster log. It catches up before it
+//! answers anyone, then applies each record in log order (its own appends as
+//! JetStream acks them, the others' as they arrive live or are read), and
+//! starts over from the cluster when the log moved to another epoch.
 
 use super::*;
+use crate::cluster::{LogBatch, StoredRecord};
+use replica::CaughtUp;
+
+/// Where a record came from, which says what a gap before it means.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Source {
+    /// Heard live: records before it were missed; read them first.
+    Live,
+    /// Read in log order (or acked to this node): the records before it
+    /// are gone from the cluster (pruned or expired); history starts here.
+    Log,
+}
 
 impl RoomActor {
-    /// Cluster mode: retries a failed catch-up, forgets the presence of nodes
-    /// gone silent, and refreshes this node's presence for the others.
+    /// Cluster mode: retries a failed catch-up, keeps the feed and the
+    /// appends going, and answers joins waiting for this node to catch up.
     pub(super) fn maintain_cluster(&mut self, ctx: &mut Context<Self>) {
         if self.log.is_none() && !self.syncing {
             self.start_sync(ctx);
@@ -50,20 +64,25 @@ impl RoomActor {
         let Synced {
             snapshot,
             caught_up,
-            follow,
+            log,
+            head,
+            incarnation,
+            live,
             events,
         } = synced;
         self.loaded(ctx, self.context.store.generation(), snapshot);
-        if let Some(log) = self.log.as_mut() {
-            for message in caught_up {
-                log.durable = message.offset;
-                log.last_assigned = message.offset;
-                log.push_tail(message);
+        if let Some(state) = self.log.as_mut() {
+            for CaughtUp { message, key } in caught_up {
+                state.durable = message.offset;
+                state.last_assigned = message.offset;
+                if let Some(key) = key {
+                    state.keys.insert(key, (message.offset, message.ts));
+                }
+                state.push_tail(message);
             }
         }
-        self.follow_feed(ctx, follow);
-        ctx.add_stream(events);
-        self.appender = Some(cluster.appender(&self.name));
+        self.follow_log(ctx, log, head, incarnation, live);
+        self.feed.events = Some(ctx.add_stream(events));
         cluster.send_room_event(
             &self.name,
             &RoomEvent::Sync {
@@ -73,125 +92,83 @@ impl RoomActor {
         self.announce_presence();
     }
 
-    /// Cluster mode: a record of the room's cluster log, in log order.
-    pub(super) fn apply(&mut self, ctx: &mut Context<Self>, message: EncodedMessage) {
-        let Some(log) = self.log.as_mut() else { return };
-        // A repeat: the ordered consumer re-delivers after re-creating itself.
-        if message.offset <= log.last_assigned {
-            return;
+    /// Applies a record of the room's log: its messages after the newest
+    /// applied are written, then fanned out, in log order. A record of this
+    /// node's append in flight carries that append's replies.
+    pub(super) fn apply_record(
+        &mut self,
+        ctx: &mut Context<Self>,
+        record: StoredRecord,
+        source: Source,
+    ) {
+        let Some(log) = self.log.as_ref() else { return };
+        if record.seq <= self.feed.head {
+            return; // A repeat (heard live and read, or acked and heard).
         }
+        let batch = match LogBatch::decode(&record.payload) {
+            Ok(batch) => batch,
+            Err(error) => {
+                // Not ours (something else published on the room's subject).
+                tracing::warn!(room = %self.name, seq = record.seq, %error, "skipped a cluster record");
+                self.feed.head = record.seq;
+                return;
+            }
+        };
+        if batch.epoch != log.epoch {
+            return self.restart_from_cluster(ctx, "the room's cluster log is in another epoch");
+        }
+        if batch.first > log.last_assigned + 1 && source == Source::Live {
+            return self.read_log(ctx);
+        }
+        let mut replies = self.take_replies(&batch.batch);
+        let Some(log) = self.log.as_mut() else { return };
+        self.feed.head = record.seq;
         let mut ops = Vec::new();
-        if message.offset > log.last_assigned + 1 {
-            // Pruned from the cluster log before this node saw them.
+        if batch.first > log.last_assigned + 1 {
+            // Pruned or expired in the cluster before this node saw them.
             if log.first_retained <= log.last_assigned {
                 ops.push(WriteOp::Prune {
                     from: log.first_retained,
                     to: log.last_assigned + 1,
                 });
             }
-            log.forget_before(message.offset);
+            log.forget_before(batch.first);
+            log.last_assigned = batch.first - 1;
         }
-        log.last_assigned = message.offset;
-        self.append(ctx, ops, message, None, None);
-    }
-
-    /// Cluster mode: hands a publish to the cluster log; the ack comes with
-    /// JetStream's, the fan-out when the record comes back in log order.
-    pub(super) fn publish_to_cluster(&mut self, msg: Publish, ctx: &mut Context<Self>) {
-        let (Some(cluster), Some(appender)) = (&self.context.cluster, &self.appender) else {
-            return self.reply_error(msg.reply, self.not_ready());
-        };
-        if !cluster.is_linked() {
-            return self.reply_error(msg.reply, RoomError::Unavailable(ClusterError::LinkDown));
-        }
-        let id = new_message_id();
-        let record = LogRecord {
-            id: &id,
-            user: msg.user.as_str(),
-            data: &msg.data,
-            ts: now_ms(),
-        };
-        let payload = match serde_json::to_vec(&record) {
-            Ok(payload) => payload,
-            Err(e) => {
-                let error = RoomError::Unavailable(ClusterError::Log(e.to_string()));
-                return self.reply_error(msg.reply, error);
+        for (offset, record) in batch.offsets() {
+            let Some(log) = self.log.as_mut() else { return };
+            if offset <= log.last_assigned {
+                continue;
             }
-        };
-        let (reply, metrics, room) = (msg.reply, self.context.metrics.clone(), ctx.address());
-        appender.append(
-            payload,
-            msg.key,
-            Box::new(move |result| match result {
-                Ok(offset) => room.do_send(Committed { offset, reply }),
-                Err(error) => reply.fail(&metrics, RoomError::Unavailable(error)),
-            }),
-        );
-    }
-}
-
-/// Cluster mode: JetStream has stored a publish of this node. The ack waits
-/// until this node's room has it too (durable here, fanned out), so a client
-/// that got its ack finds the message on this node at once (in `history`, in
-/// a `join`), and publishers cannot run ahead of this node's deliveries.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(super) struct Committed {
-    offset: u64,
-    reply: PublishReply,
-}
-
-impl Handler<Committed> for RoomActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Committed, _ctx: &mut Context<Self>) {
-        match self.log.as_ref() {
-            Some(log) if msg.offset > log.durable => self.await_delivery(msg.offset, msg.reply),
-            _ => {
-                // Already here (fanned out before JetStream's answer came back).
-                if self.context.events.is_some() {
-                    let message = self
-                        .log
-                        .as_ref()
-                        .and_then(|log| log.tail.iter().rev().find(|m| m.offset == msg.offset));
-                    self.emit_message(message);
+            log.last_assigned = offset;
+            let message = match record.to_message(&self.name, offset) {
+                Ok(message) => message,
+                Err(error) => {
+                    tracing::warn!(room = %self.name, offset, %error, "skipped a cluster message");
+                    continue;
                 }
-                self.reply_ack(msg.reply, msg.offset)
+            };
+            let key = record.key.as_deref().map(str::to_owned);
+            if let Some(key) = &key {
+                log.keys.insert(key.clone(), (offset, record.ts));
             }
+            let (reply, repeats) = replies.remove(&offset).unwrap_or_default();
+            log.waiting_acks
+                .extend(repeats.into_iter().map(|reply| (offset, reply)));
+            self.append(ctx, std::mem::take(&mut ops), message, key, reply);
+        }
+        if !ops.is_empty() {
+            self.write(ctx, ops, None);
         }
     }
-}
 
-/// Cluster mode: the room's log, in order, from JetStream.
-impl StreamHandler<LogMessage> for RoomActor {
-    fn handle(&mut self, item: LogMessage, ctx: &mut Context<Self>) {
-        let record = match item {
-            Ok(record) => record,
-            // Missed heartbeats: the consumer is gone, or NATS is in trouble.
-            Err(error) => return self.feed_failed(ctx, &error),
-        };
-        let Ok(seq) = record.info().map(|info| info.stream_sequence) else {
-            return tracing::warn!(room = %self.name, "a cluster record without JetStream info");
-        };
-        match LogRecord::decode(&record.payload).and_then(|r| r.to_message(&self.name, seq)) {
-            Ok(message) => self.apply(ctx, message),
-            Err(error) => {
-                // Not ours (something else published on the room's subject):
-                // skip its offset, so the next record is not taken for a gap
-                // left by pruning (which would forget the history before it).
-                tracing::warn!(room = %self.name, seq, %error, "skipped a cluster record");
-                if let Some(log) = self.log.as_mut() {
-                    log.last_assigned = log.last_assigned.max(seq);
-                }
-            }
-        }
-        self.feed_progressed();
-    }
-
-    /// The ordered consumer gave up (it retries through link losses, so this
-    /// is rare): follow again from the record after the last one applied.
-    /// (A feed replaced by a repair is cancelled and does not end here.)
-    fn finished(&mut self, ctx: &mut Context<Self>) {
-        self.feed_ended(ctx);
+    /// The room's cluster log is not the one this node followed (another
+    /// epoch: NATS lost its store, or the log started over): every member is
+    /// told the room restarted (they join again and resume with
+    /// `recovered: false`) and the room starts afresh from the cluster.
+    pub(super) fn restart_from_cluster(&mut self, ctx: &mut Context<Self>, why: &str) {
+        tracing::warn!(room = %self.name, why, "room starts over from the cluster log; its members join again");
+        self.fail_outbox(true);
+        self.close(ctx);
     }
 }

@@ -97,17 +97,6 @@ impl Handler<Persisted> for RoomActor {
         if let (Some(frames), false) = (&frames, publishers.is_empty()) {
             delivered += self.fan_out(frames, |id, _| is_publisher(&id));
         }
-        if self.context.cluster.is_some() && self.context.events.is_some() {
-            // Cluster mode: this node's publishes come back from the
-            // cluster's log without a reply; their acks say which they are.
-            for (offset, _) in &acks {
-                let message = ready
-                    .iter()
-                    .map(|p| &p.message)
-                    .find(|m| m.offset == *offset);
-                self.emit_message(message);
-            }
-        }
         for pending in ready {
             // Messages this node took (the others' nodes report theirs).
             if pending.reply.is_some() {
@@ -130,17 +119,6 @@ impl Handler<Persisted> for RoomActor {
                 .inc_by(delivered * count);
         }
         self.release_parked_joins(ctx);
-    }
-}
-
-impl RoomActor {
-    /// The `message` event of a message this node took. Its event id is the
-    /// message's own id, so a repeat (a publish retried with its `key`)
-    /// carries the same id.
-    pub(super) fn emit_message(&self, message: Option<&crate::protocol::EncodedMessage>) {
-        if let Some(message) = message {
-            self.emit(EventKind::Message, || message_event(message));
-        }
     }
 }
 

@@ -18,15 +18,16 @@
 //! - [`publish`]: offsets, appends, pruning, store failures;
 //! - [`fanout`]: durable groups to every member, then the acks;
 //! - [`reads`]: `join` (history, exact resume) and `history` pages;
-//! - [`cluster_replica`]: cluster mode: follow the cluster log, append to it;
-//! - [`cluster_feed`]: cluster mode: keep the live feed of the log running;
+//! - [`cluster_replica`]: cluster mode: catch up with the cluster log, apply its records;
+//! - [`cluster_feed`]: cluster mode: the live feed of the log, kept whole;
+//! - [`cluster_append`]: cluster mode: publishes appended in batches;
 //! - [`cluster_presence`]: cluster mode: presence and typing between nodes.
 
 use super::messages::*;
 use super::presence::{Change, Presence};
 use super::registry::{RoomContext, RoomRegistry, RoomStats};
 use super::replica::{self, Synced};
-use crate::cluster::{ClusterError, LogAppender, LogMessage, LogRecord, RoomEvent};
+use crate::cluster::{ClusterError, LogRecord, RoomEvent};
 use crate::hooks::events::EventKind;
 use crate::outbound::{Offer, Outbound, SessionLink, WireFrames};
 use crate::protocol::server::MessageTag;
@@ -41,6 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod cluster_append;
 mod cluster_feed;
 mod cluster_presence;
 mod cluster_replica;
@@ -49,6 +51,7 @@ mod log_state;
 mod publish;
 mod reads;
 
+use cluster_append::Outbox;
 use cluster_feed::Feed;
 use log_state::{DurableSignal, LogState, Pending};
 use reads::JoinReply;
@@ -97,11 +100,11 @@ pub struct RoomActor {
     members: HashMap<SessionId, Member>,
     presence: Presence,
     empty_since: Option<Instant>,
-    /// Cluster mode: appends to the room's cluster log (once caught up).
-    appender: Option<LogAppender>,
+    /// Cluster mode: publishes on their way to the room's cluster log.
+    outbox: Outbox,
     /// Cluster mode: a catch-up is under way.
     syncing: bool,
-    /// Cluster mode: the live feed of the room's log, watched and repaired.
+    /// Cluster mode: the room's place in its cluster log, and its live feed.
     feed: Feed,
     /// Cluster mode: when this node last told the others its presence.
     announced: Instant,
@@ -127,7 +130,7 @@ impl RoomActor {
             members: HashMap::new(),
             presence: Presence::default(),
             empty_since: Some(Instant::now()),
-            appender: None,
+            outbox: Outbox::default(),
             syncing: false,
             feed: Feed::default(),
             announced: Instant::now(),
@@ -277,6 +280,7 @@ impl RoomActor {
         let settings = self.context.settings.clone();
         if let Some(idle) = self.empty_since {
             let quiet = self.parked_joins.is_empty()
+                && self.outbox.is_empty()
                 && self
                     .log
                     .as_ref()

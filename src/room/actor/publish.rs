@@ -168,6 +168,7 @@ impl RoomActor {
     /// so the next use reloads the room from the store.
     pub(super) fn fail(&mut self, ctx: &mut Context<Self>, error: StoreError) {
         tracing::error!(room = %self.name, %error, "room stopped after a store failure");
+        self.fail_outbox(false);
         if let Some(mut log) = self.log.take() {
             for reply in log.roll_back() {
                 self.reply_error(reply, RoomError::Store(error.clone()));

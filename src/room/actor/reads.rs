@@ -88,6 +88,8 @@ impl Handler<Join> for RoomActor {
             // resume is exact, or after a bound.
             self.parked_joins
                 .push((Instant::now() + PARKED_JOIN_WAIT, msg, tx));
+            // Records this node missed: read them now.
+            self.read_log(ctx);
         } else {
             self.join_now(ctx, msg, tx);
         }
