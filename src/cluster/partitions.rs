@@ -147,6 +147,7 @@ async fn keep(
         };
         let mut all = true;
         let mut error = None;
+        let mut made_anew = Vec::new();
         for partition in 0..subjects.partitions() {
             let wanted = config(&subjects, &settings, partition);
             match ensure(&js, wanted).await {
@@ -154,10 +155,7 @@ async fn keep(
                     let slot = &partitions.incarnations[partition as usize];
                     let before = slot.swap(created, Ordering::SeqCst);
                     if before != 0 && before != created {
-                        tracing::warn!(
-                            partition,
-                            "a partition stream was made anew (NATS lost its store?): the rooms in it move to a new epoch"
-                        );
+                        made_anew.push(partition);
                     }
                 }
                 Err(e) => {
@@ -166,6 +164,12 @@ async fn keep(
                     break;
                 }
             }
+        }
+        if !made_anew.is_empty() {
+            tracing::warn!(
+                partitions = ?made_anew,
+                "partition streams were made anew (NATS lost its store?): the rooms in them move to a new epoch"
+            );
         }
         if partitions.ready.swap(all, Ordering::SeqCst) != all && all {
             tracing::info!(

@@ -293,3 +293,97 @@ async fn a_new_room_used_on_three_nodes_at_once_takes_every_publish() {
         assert_eq!(status, 201, "{room}: {body}");
     }
 }
+
+/// Joins `room` again, resuming `since`, until the node answers `joined`
+/// (it may still be catching up with NATS), within `WAIT`.
+async fn rejoin(client: &mut TestClient, room: &str, since: &Value) -> Value {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let answer = client
+                .request(json!({"type": "join", "room": room, "since": since}))
+                .await;
+            if answer["type"] == "joined" {
+                return answer;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("joined again within the bound")
+}
+
+/// The next frame of `client` that says `room` restarted, within `WAIT`.
+async fn room_restarted(client: &mut TestClient, room: &str) {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let frame = client.next().await;
+            let text = frame["message"].as_str().unwrap_or_default();
+            if frame["type"] == "error" && frame["room"] == room && text.contains("restarted") {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("no `room restarted` within the bound")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_nats_loses_its_store_every_node_moves_the_room_to_one_new_epoch() {
+    let mut nats = NatsServer::start();
+    let a = spawn_node(&nats, None, &[]).await;
+    let b = spawn_node(&nats, None, &[]).await;
+    let mut ann = a.connect("user=ann").await;
+    let mut bob = b.connect("user=bob").await;
+    let old = ann.join("amnesia").await["epoch"].clone();
+    assert_eq!(bob.join("amnesia").await["epoch"], old);
+    let mut last = 0;
+    for n in 0..3 {
+        last = ann.publish("amnesia", json!(n)).await;
+    }
+    for _ in 0..3 {
+        next_message(&mut bob, "amnesia").await;
+    }
+    nats.restart_empty();
+    // Both nodes drop the room's members, who join again: the resume from
+    // the old epoch is not recovered, and both nodes are in one new epoch.
+    let started = Instant::now();
+    // (Both read at once: a client that reads nothing misses the hub's pings.)
+    tokio::join!(
+        room_restarted(&mut ann, "amnesia"),
+        room_restarted(&mut bob, "amnesia")
+    );
+    wait_ready(&a, true).await;
+    wait_ready(&b, true).await;
+    let since = json!({"epoch": old, "offset": last});
+    let (ann_joined, bob_joined) = tokio::join!(
+        rejoin(&mut ann, "amnesia", &since),
+        rejoin(&mut bob, "amnesia", &since)
+    );
+    let mut epochs = Vec::new();
+    for joined in [ann_joined, bob_joined] {
+        assert_eq!(joined["recovered"], false, "{joined}");
+        assert_ne!(joined["epoch"], old, "{joined}");
+        epochs.push(joined["epoch"].clone());
+    }
+    assert_eq!(epochs[0], epochs[1], "one new epoch on both nodes");
+    // Publishing works again on both nodes, one order in the new epoch.
+    let first = ann.publish("amnesia", json!("after")).await;
+    let second = bob.publish("amnesia", json!("after, too")).await;
+    assert_eq!((first, second), (1, 2));
+    println!(
+        "store loss: publishing again {:?} after the restart",
+        started.elapsed()
+    );
+    for node in [&a, &b] {
+        let mut reader = node.connect("user=reader").await;
+        let joined = reader.join("amnesia").await;
+        assert_eq!(joined["epoch"], epochs[0]);
+        let offsets: Vec<u64> = joined["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["offset"].as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets, [1, 2]);
+    }
+}

@@ -98,6 +98,17 @@ impl NatsServer {
         self.stop();
         self.launch();
     }
+
+    /// Starts it again on the same port with an empty JetStream store: NATS
+    /// lost everything it kept.
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        for entry in std::fs::read_dir(self.dir.path()).expect("store dir") {
+            let path = entry.expect("entry").path();
+            let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+        }
+        self.launch();
+    }
 }
 
 impl Drop for NatsServer {
