@@ -45,11 +45,11 @@ impl Application {
         let metrics = Metrics::new();
         let cluster = match settings.cluster.nats_url.as_str() {
             "" => None,
-            url => Some(Arc::new(
+            url => Some(
                 Cluster::connect(&settings, &node_id, metrics.clone())
                     .await
                     .with_context(|| format!("starting the cluster link to {url}"))?,
-            )),
+            ),
         };
         let hooks = crate::hooks::Hooks::new(&settings.hooks, &node_id, &metrics)?;
         let state = web::Data::new(AppState::new(

@@ -60,7 +60,7 @@ impl Cluster {
         expected: u64,
         payload: Bytes,
     ) -> Result<u64, AppendError> {
-        if !self.is_linked() {
+        if !self.partitions_ready() {
             return Err(AppendError::NotStored(ClusterError::LinkDown));
         }
         let mut headers = HeaderMap::new();
@@ -112,7 +112,7 @@ impl Cluster {
         log: &RoomLog,
         from: Option<u64>,
     ) -> Result<Option<StoredRecord>, ClusterError> {
-        if !self.is_linked() {
+        if !self.partitions_ready() {
             return Err(ClusterError::LinkDown);
         }
         let stream = self

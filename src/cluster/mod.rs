@@ -20,12 +20,14 @@
 mod feed_report;
 mod health;
 mod log;
+mod migrate;
 mod nats;
 mod partitions;
 mod records;
 mod subjects;
 
 pub use log::{live_sequence, AppendError, StoredRecord};
+pub use migrate::MigrateError;
 pub use nats::{Cluster, ClusterError, RuntimeBound};
 pub use records::{DirectRecord, LogBatch, LogRecord, RecordError, RoomEvent};
 pub use subjects::{RoomLog, Subjects};

@@ -17,7 +17,7 @@ use crate::protocol::RoomName;
 use async_nats::jetstream;
 use async_nats::Client;
 use futures_util::StreamExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,6 +60,9 @@ pub struct Cluster {
     /// a subscription too slow for its buffer): live feeds read what they
     /// may have missed.
     link_generation: Arc<AtomicU64>,
+    /// Rooms left in the stream-per-room layout have been moved (see
+    /// `migrate.rs`): until then this node serves no room.
+    migrated: AtomicBool,
 }
 
 impl Cluster {
@@ -69,7 +72,7 @@ impl Cluster {
         settings: &Settings,
         node_id: &str,
         metrics: Metrics,
-    ) -> Result<Cluster, ClusterError> {
+    ) -> Result<Arc<Cluster>, ClusterError> {
         let url = &settings.cluster.nats_url;
         let link_generation = Arc::new(AtomicU64::new(0));
         let generation = link_generation.clone();
@@ -121,7 +124,8 @@ impl Cluster {
             dedup_window: Duration::from_secs(if ttl > 0 { dedup.min(ttl) } else { dedup }),
             replicas: settings.cluster.replicas,
         };
-        Ok(Cluster {
+        let cluster = Arc::new(Cluster {
+            migrated: AtomicBool::new(false),
             health: JetStreamHealth::start(client.clone()),
             partitions: Partitions::start(js.clone(), subjects.clone(), streams),
             client,
@@ -130,7 +134,9 @@ impl Cluster {
             subjects,
             node_id: node_id.to_owned(),
             link_generation,
-        })
+        });
+        tokio::spawn(migrate_when_linked(Arc::downgrade(&cluster)));
+        Ok(cluster)
     }
 
     pub fn node_id(&self) -> &str {
@@ -140,6 +146,11 @@ impl Cluster {
     /// Connected, JetStream answers and the partition streams are there:
     /// publishes can be committed.
     pub fn is_linked(&self) -> bool {
+        self.partitions_ready() && self.migrated.load(Ordering::SeqCst)
+    }
+
+    /// The log can be read and written (rooms also wait for the migration).
+    pub(super) fn partitions_ready(&self) -> bool {
         self.is_connected() && self.health.is_ok() && self.partitions.ready()
     }
 
@@ -233,6 +244,29 @@ impl Cluster {
         if self.is_linked() {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
         }
+    }
+}
+
+/// Moves the rooms of the stream-per-room layout once the partition streams
+/// are there, then lets the node serve; retried until it succeeds.
+async fn migrate_when_linked(cluster: std::sync::Weak<Cluster>) {
+    loop {
+        let Some(link) = cluster.upgrade() else {
+            return;
+        };
+        if link.partitions_ready() {
+            match link.migrate_legacy_rooms().await {
+                Ok(_) => {
+                    link.migrated.store(true, Ordering::SeqCst);
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "moving rooms to the partition streams; retrying")
+                }
+            }
+        }
+        drop(link);
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

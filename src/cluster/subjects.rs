@@ -96,6 +96,11 @@ impl Subjects {
         format!("{}{}", self.legacy_stream_prefix(), Self::token(room))
     }
 
+    /// The one subject of that stream.
+    pub fn legacy_subject(&self, room: &RoomName) -> String {
+        format!("{}.log.{}", self.prefix, Self::token(room))
+    }
+
     /// Core NATS: presence and typing between the nodes serving the room.
     pub fn events(&self, room: &RoomName) -> String {
         format!("{}.room.{}", self.prefix, Self::token(room))

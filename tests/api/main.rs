@@ -3,6 +3,7 @@
 mod cluster;
 mod cluster_faults;
 mod cluster_haproxy;
+mod cluster_migrate;
 mod codec_props;
 mod config;
 mod docs;
