@@ -24,6 +24,12 @@ pub struct Metrics {
     pub stalled_sockets_cut: IntCounter,
     pub cluster_link_up: IntGauge,
     pub cluster_link_losses: IntCounter,
+    /// Records of room logs heard live (only rooms this node serves).
+    pub cluster_live_records: IntCounter,
+    /// Records of room logs read by direct get (catch-up, gaps, checks).
+    pub cluster_read_records: IntCounter,
+    /// Appends that lost the race to another node's record and were retried.
+    pub cluster_append_conflicts: IntCounter,
     /// Events waiting for `hooks.events_url`.
     pub hook_events_queued: IntGauge,
     pub hook_events_dropped: IntCounter,
@@ -157,6 +163,18 @@ impl Metrics {
             cluster_link_losses: counter(
                 "roomhub_cluster_link_losses_total",
                 "times this node lost its link to NATS",
+            ),
+            cluster_live_records: counter(
+                "roomhub_cluster_live_records_total",
+                "room log records heard live (only rooms this node serves)",
+            ),
+            cluster_read_records: counter(
+                "roomhub_cluster_read_records_total",
+                "room log records read from JetStream (catch-up, gaps, checks)",
+            ),
+            cluster_append_conflicts: counter(
+                "roomhub_cluster_append_conflicts_total",
+                "appends to a room log that another node's record beat, then retried",
             ),
             rejected_upgrades,
             errors,

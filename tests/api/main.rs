@@ -4,6 +4,7 @@ mod cluster;
 mod cluster_faults;
 mod cluster_haproxy;
 mod cluster_migrate;
+mod cluster_shape;
 mod codec_props;
 mod config;
 mod docs;

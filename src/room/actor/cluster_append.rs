@@ -255,7 +255,10 @@ impl RoomActor {
                     self.refuse(in_flight, error);
                 }
             }
-            Err(AppendError::Conflict) => self.read_log(ctx),
+            Err(AppendError::Conflict) => {
+                self.context.metrics.cluster_append_conflicts.inc();
+                self.read_log(ctx);
+            }
             Err(AppendError::Unknown(_)) => {
                 in_flight.maybe_stored = true;
                 self.read_log(ctx);

@@ -147,6 +147,10 @@ impl RoomActor {
         };
         ctx.spawn(read.into_actor(self).map(|(records, outcome), act, ctx| {
             act.feed.reading = false;
+            act.context
+                .metrics
+                .cluster_read_records
+                .inc_by(records.len() as u64);
             for record in records {
                 act.apply_record(ctx, record, Source::Log);
                 if act.log.is_none() {
@@ -219,6 +223,7 @@ impl StreamHandler<LiveRecord> for RoomActor {
         let Some(seq) = live_sequence(&message) else {
             return tracing::warn!(room = %self.name, "a live cluster record without its sequence");
         };
+        self.context.metrics.cluster_live_records.inc();
         let record = StoredRecord {
             seq,
             payload: message.payload,
