@@ -158,12 +158,16 @@ def run_load(binary, args):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/roomhub")
+    ap.add_argument("--load-bin", default=None,
+                    help="the roomhub whose `load` drives the runs (default: --bin); "
+                         "lets an older hub build be measured with today's load tool")
     ap.add_argument("--rooms", default="1000,10000,100000")
     ap.add_argument("--threads", type=int, default=48)
     ap.add_argument("--partitions", default=None)
     ap.add_argument("--skip-load", action="store_true")
     args = ap.parse_args()
     binary = os.path.abspath(args.bin)
+    load_bin = os.path.abspath(args.load_bin or args.bin)
     checkpoints = [int(x) for x in args.rooms.split(",")]
     work = tempfile.mkdtemp(prefix="roomhub-scale-")
     extra = {}
@@ -212,8 +216,8 @@ def main():
         print(json.dumps(idle), file=sys.stderr, flush=True)
         urls = ",".join(b.replace("http", "ws") for _, b in nodes)
         if not args.skip_load:
-            result["hot_room_three_nodes"] = run_load(binary, [
-                "--url", urls, "--rooms", "1", "--clients", "3", "--publishers", "1",
+            result["hot_room_three_nodes"] = run_load(load_bin, [
+                "--url", urls, "--rooms", "1", "--clients", "3", "--publishers", "3",
                 "--window", "64", "--duration", "10", "--room-prefix", "hot"])
         # NATS restarted with its store: how long until every node serves again.
         nats.stop()
@@ -236,7 +240,7 @@ def main():
         print(json.dumps(result["nats_restart"]), file=sys.stderr, flush=True)
         if not args.skip_load:
             ws = [b.replace("http", "ws") for _, b in nodes]
-            result["cross_node_latency"] = run_load(binary, [
+            result["cross_node_latency"] = run_load(load_bin, [
                 "--url", f"{ws[1]},{ws[2]}", "--publish-url", ws[0], "--rooms", "100",
                 "--clients", "2000", "--publishers", "1", "--rate", "100", "--spread",
                 "--duration", "20", "--room-prefix", "latency"])

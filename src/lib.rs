@@ -11,8 +11,11 @@
 //!   epoch after a crash or damage), store-format migrations.
 //! - [`room`]: one actor per room, the only writer of its log (split by
 //!   concern under `room/actor/`); the registry.
-//! - [`cluster`]: cluster mode over NATS: a JetStream stream per room is the
-//!   room's log (offsets, epoch, dedup); presence, typing, directs on core NATS.
+//! - [`cluster`]: cluster mode over NATS: a fixed set of JetStream partition
+//!   streams holds the room logs, one subject per room (offsets = subject
+//!   sequences, optimistic appends, direct-get catch-up, a republished live
+//!   feed); the upgrade from the stream-per-room layout; presence, typing,
+//!   directs on core NATS.
 //! - [`outbound`]: the one non-blocking way frames reach sessions.
 //! - [`directory`]: sessions by user, for direct messages and the drain.
 //! - [`session`]: the WebSocket session; owns its TCP socket after the upgrade
