@@ -37,6 +37,11 @@ struct Tally {
     unknown: u64,
     /// Requests the hub did not answer in time (retried too).
     timeouts: u64,
+    /// `500 internal` "the room is restarting; try again": the room dropped
+    /// the publish's reply without an answer (seen with two hubs appending
+    /// to one room at once, with or without a NATS fault; retried with the
+    /// same key, which is safe).
+    restarting: u64,
     /// The texts of the `unavailable` answers, once each.
     reasons: BTreeSet<String>,
 }
@@ -79,6 +84,9 @@ async fn publish_acked(node: &TestApp, room: &str, key: &str, tally: &Mutex<Tall
                 }
                 // Offsets or counts would make every text new.
                 tally.reasons.insert(message.chars().take(120).collect());
+            }
+            500 if answer["message"] == "the room is restarting; try again" => {
+                tally.lock().unwrap().restarting += 1;
             }
             _ => panic!("{key}: unexpected answer {status}: {answer}"),
         }
@@ -298,10 +306,28 @@ async fn cluster_ha_killing_a_rooms_stream_leader_under_load_loses_and_duplicate
         "the log holds exactly the acked publishes, at their offsets"
     );
 
+    // The killed server comes back on its store and catches up.
+    nats.restart(leader);
+    let deadline = Instant::now() + ELECTION;
+    loop {
+        let back = nats.stored_on(leader, &stream).await;
+        let there = nats.stored_on(new_leader, &stream).await;
+        if back.is_some() && back == there {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not catch up: {back:?} of {there:?} records",
+            nats.name(leader)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // What it took.
     let mut unavailable = 0;
     let mut unknown = 0;
     let mut timeouts = 0;
+    let mut restarting = 0;
     let mut reasons = BTreeSet::new();
     let mut first_back: Option<Duration> = None;
     let mut longest_wait = Duration::ZERO;
@@ -310,6 +336,7 @@ async fn cluster_ha_killing_a_rooms_stream_leader_under_load_loses_and_duplicate
         unavailable += tally.unavailable;
         unknown += tally.unknown;
         timeouts += tally.timeouts;
+        restarting += tally.restarting;
         reasons.extend(tally.reasons.iter().cloned());
         for (_, _, at, sent) in &tally.acked {
             longest_wait = longest_wait.max(at.duration_since(*sent));
@@ -322,7 +349,8 @@ async fn cluster_ha_killing_a_rooms_stream_leader_under_load_loses_and_duplicate
     eprintln!(
         "HA stream-leader kill: {} acked ({} per hub), killed {} (leader of {stream}), new leader {}; \
          first publish sent after the kill acked {:.2?} after it; longest single publish {:.2?}; \
-         {unavailable} unavailable answers ({unknown} outcome unknown), {timeouts} timeouts; \
+         {unavailable} unavailable answers ({unknown} outcome unknown), {timeouts} timeouts, \
+         {restarting} \"restarting\" 500s; \
          lost 0, duplicated 0; reasons: {reasons:?}",
         acked.len(),
         acked.len() / 2,
