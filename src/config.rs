@@ -577,7 +577,9 @@ mod tests {
     fn nats_url_takes_a_comma_separated_list_of_servers() {
         assert!(with_nats_url("").is_ok(), "standalone");
         assert!(with_nats_url("nats://127.0.0.1:4222").is_ok());
-        assert!(with_nats_url("nats://127.0.0.1:4222, nats://127.0.0.1:4223,nats://h:4224").is_ok());
+        assert!(
+            with_nats_url("nats://127.0.0.1:4222, nats://127.0.0.1:4223,nats://h:4224").is_ok()
+        );
         for bad in [
             "nats://127.0.0.1:4222,,nats://127.0.0.1:4223",
             "nats://127.0.0.1:4222,",

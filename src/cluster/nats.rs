@@ -367,10 +367,19 @@ mod tests {
             server_addrs(" nats://127.0.0.1:4222, nats://127.0.0.1:4223 ,127.0.0.1:4224").unwrap();
         let ports: Vec<u16> = three.iter().map(|s| s.port()).collect();
         assert_eq!(ports, [4222, 4223, 4224]);
-        for bad in ["", " ", "nats://a:1,,nats://b:2", "nats://a:1,", "http://a:1"] {
+        for bad in [
+            "",
+            " ",
+            "nats://a:1,,nats://b:2",
+            "nats://a:1,",
+            "http://a:1",
+        ] {
             assert!(server_addrs(bad).is_err(), "{bad:?} accepted");
         }
         let error = server_addrs("nats://a:1, ,nats://b:2").unwrap_err();
-        assert!(error.contains("entry 2") && error.contains("empty"), "{error}");
+        assert!(
+            error.contains("entry 2") && error.contains("empty"),
+            "{error}"
+        );
     }
 }
