@@ -117,10 +117,9 @@ async fn history(node: &TestApp, room: &str) -> (u64, Vec<Value>) {
     let mut messages: Vec<Value> = Vec::new();
     let mut epoch = None;
     loop {
-        let since = messages
-            .last()
-            .map(|m| format!("&since={}", m["offset"]))
-            .unwrap_or_default();
+        // Without `since` a page is the newest messages: page from the start.
+        let since = messages.last().map_or(0, |m| m["offset"].as_u64().unwrap());
+        let since = format!("&since={since}");
         let (status, page) = node
             .get_json(&format!("/api/rooms/{room}/messages?limit=200{since}"))
             .await;
@@ -285,6 +284,7 @@ async fn cluster_ha_killing_a_rooms_stream_leader_under_load_loses_and_duplicate
     };
     assert_eq!(epoch, epoch_before, "one epoch across the kill");
     let first = messages[0]["offset"].as_u64().unwrap();
+    assert_eq!(first, 1, "the whole log, from its first offset");
     for (i, m) in messages.iter().enumerate() {
         assert_eq!(
             m["offset"].as_u64().unwrap(),
