@@ -274,12 +274,18 @@ async fn cluster_ha_killing_a_rooms_stream_leader_under_load_loses_and_duplicate
         if epoch_a == epoch_b && on_a == on_b && on_a.len() >= acked.len() {
             break (epoch_a, on_a);
         }
-        assert!(
-            Instant::now() < deadline,
-            "the hubs' histories differ: {} vs {} messages, epochs {epoch_a} {epoch_b}",
-            on_a.len(),
-            on_b.len()
-        );
+        if Instant::now() >= deadline {
+            let differ = on_a.iter().zip(&on_b).position(|(x, y)| x != y);
+            panic!(
+                "the hubs' histories differ: {} vs {} messages ({} acked), epochs {epoch_a} \
+                 {epoch_b}, first difference at index {differ:?}: {:?} vs {:?}",
+                on_a.len(),
+                on_b.len(),
+                acked.len(),
+                differ.map(|i| &on_a[i]),
+                differ.map(|i| &on_b[i]),
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(epoch, epoch_before, "one epoch across the kill");
