@@ -455,13 +455,9 @@ impl Settings {
         }
         let nats_url = self.cluster.nats_url.trim();
         if !nats_url.is_empty() {
-            for server in nats_url.split(',') {
-                if let Err(e) = server.trim().parse::<async_nats::ServerAddr>() {
-                    return Err((
-                        "cluster.nats_url",
-                        format!("{server:?} is not a NATS server address ({e}); e.g. nats://127.0.0.1:4222"),
-                    ));
-                }
+            // One server, or a comma-separated list of the NATS cluster's servers.
+            if let Err(e) = crate::cluster::server_addrs(nats_url) {
+                return Err(("cluster.nats_url", e));
             }
         }
         if !(1..=5).contains(&self.cluster.replicas) {
@@ -565,4 +561,35 @@ fn comma_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> 
             .map(String::from)
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_nats_url(url: &str) -> Result<(), (&'static str, String)> {
+        let mut settings = Settings::default();
+        settings.cluster.nats_url = url.into();
+        settings.validate()
+    }
+
+    #[test]
+    fn nats_url_takes_a_comma_separated_list_of_servers() {
+        assert!(with_nats_url("").is_ok(), "standalone");
+        assert!(with_nats_url("nats://127.0.0.1:4222").is_ok());
+        assert!(
+            with_nats_url("nats://127.0.0.1:4222, nats://127.0.0.1:4223,nats://h:4224").is_ok()
+        );
+        for bad in [
+            "nats://127.0.0.1:4222,,nats://127.0.0.1:4223",
+            "nats://127.0.0.1:4222,",
+            "nats://127.0.0.1:4222,http://127.0.0.1:4223",
+        ] {
+            let (key, message) = with_nats_url(bad).expect_err(bad);
+            assert_eq!(key, "cluster.nats_url");
+            assert!(!message.is_empty());
+        }
+        let (_, message) = with_nats_url("nats://a:4222, ,nats://b:4222").unwrap_err();
+        assert!(message.contains("empty"), "{message}");
+    }
 }

@@ -43,7 +43,7 @@ impl Application {
             .node_id(settings.server.node_id.as_deref())
             .context("reading the node id")?;
         let metrics = Metrics::new();
-        let cluster = match settings.cluster.nats_url.as_str() {
+        let cluster = match settings.cluster.nats_url.trim() {
             "" => None,
             url => Some(
                 Cluster::connect(&settings, &node_id, metrics.clone())

@@ -81,9 +81,13 @@ impl Cluster {
                 PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
                     AppendError::Unknown(ClusterError::OutcomeUnknown(error.to_string()))
                 }
+                // async-nats reports "no responders" as a missing stream:
+                // no server took it, so nothing was stored. With replicated
+                // streams this is mostly a stream without a leader for the
+                // seconds JetStream takes to elect one.
                 PublishErrorKind::StreamNotFound => {
                     self.partition_missing();
-                    AppendError::NotStored(ClusterError::Log(error.to_string()))
+                    AppendError::NotStored(ClusterError::NoResponders)
                 }
                 _ => AppendError::NotStored(ClusterError::Log(error.to_string())),
             }),

@@ -28,7 +28,7 @@ mod subjects;
 
 pub use log::{live_sequence, AppendError, StoredRecord};
 pub use migrate::MigrateError;
-pub use nats::{Cluster, ClusterError, RuntimeBound};
+pub use nats::{server_addrs, Cluster, ClusterError, RuntimeBound};
 pub use records::{DirectRecord, LogBatch, LogRecord, RecordError, RoomEvent};
 pub use subjects::{RoomLog, Subjects};
 

@@ -15,7 +15,7 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::protocol::RoomName;
 use async_nats::jetstream;
-use async_nats::Client;
+use async_nats::{Client, ServerAddr};
 use futures_util::StreamExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,6 +30,14 @@ pub enum ClusterError {
     LinkDown,
     #[error("cluster log: {0}")]
     Log(String),
+    /// Nothing in NATS took the publish ("no responders"): the room's
+    /// partition stream has no leader right now (JetStream is electing one,
+    /// e.g. after a NATS server died) or is missing. Nothing was stored.
+    #[error(
+        "no responders: the cluster log's stream has no leader right now (JetStream \
+         may be electing one after a NATS server went away) or is missing; try again"
+    )]
+    NoResponders,
     /// The publish went to JetStream but no answer came: it may or may not
     /// have been committed. Only a retry with the same `key` is safe.
     #[error(
@@ -44,8 +52,41 @@ impl ClusterError {
     /// Whether nothing was committed (the answer `unavailable` means that
     /// unless the message says otherwise).
     pub fn not_committed(&self) -> bool {
-        matches!(self, ClusterError::LinkDown | ClusterError::Log(_))
+        matches!(
+            self,
+            ClusterError::LinkDown | ClusterError::Log(_) | ClusterError::NoResponders
+        )
     }
+}
+
+/// The NATS servers of `cluster.nats_url`: one address or a comma-separated
+/// list (`nats://10.0.0.1:4222,nats://10.0.0.2:4222`), blanks around each
+/// trimmed. The client connects to any of them and moves to another when
+/// its server goes away (it also learns the cluster's other servers from
+/// the one it is connected to).
+pub fn server_addrs(list: &str) -> Result<Vec<ServerAddr>, String> {
+    let list = list.trim();
+    if list.is_empty() {
+        return Err("names no NATS server".into());
+    }
+    list.split(',')
+        .map(str::trim)
+        .enumerate()
+        .map(|(i, server)| {
+            if server.is_empty() {
+                return Err(format!(
+                    "entry {} of the comma-separated list is empty (a stray comma?)",
+                    i + 1
+                ));
+            }
+            server.parse::<ServerAddr>().map_err(|e| {
+                format!(
+                    "{server:?} is not a NATS server address ({e}); \
+                     e.g. nats://127.0.0.1:4222"
+                )
+            })
+        })
+        .collect()
 }
 
 pub struct Cluster {
@@ -73,7 +114,9 @@ impl Cluster {
         node_id: &str,
         metrics: Metrics,
     ) -> Result<Arc<Cluster>, ClusterError> {
-        let url = &settings.cluster.nats_url;
+        let url = settings.cluster.nats_url.trim();
+        let servers =
+            server_addrs(url).map_err(|e| ClusterError::Log(format!("cluster.nats_url {e}")))?;
         let link_generation = Arc::new(AtomicU64::new(0));
         let generation = link_generation.clone();
         let client = async_nats::ConnectOptions::new()
@@ -81,6 +124,8 @@ impl Cluster {
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(2))
+            // No request (JetStream API calls included) waits longer than this.
+            .request_timeout(Some(API_TIMEOUT))
             // Bounded back-off so a node heals within a second or two of NATS returning.
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis((100 * attempts as u64).min(1000))
@@ -106,7 +151,7 @@ impl Cluster {
                     tracing::info!(%event, "cluster link");
                 }
             })
-            .connect(url.as_str())
+            .connect(servers)
             .await
             .map_err(|e| ClusterError::Log(format!("connecting to {url}: {e}")))?;
         let mut js = jetstream::new(client.clone());
@@ -307,5 +352,34 @@ impl<S> Drop for RuntimeBound<S> {
     fn drop(&mut self) {
         let _entered = self.runtime.enter();
         self.inner.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_addrs;
+
+    #[test]
+    fn nats_url_is_one_server_or_a_comma_separated_list() {
+        let one = server_addrs("nats://127.0.0.1:4222").unwrap();
+        assert_eq!(one.len(), 1);
+        let three =
+            server_addrs(" nats://127.0.0.1:4222, nats://127.0.0.1:4223 ,127.0.0.1:4224").unwrap();
+        let ports: Vec<u16> = three.iter().map(|s| s.port()).collect();
+        assert_eq!(ports, [4222, 4223, 4224]);
+        for bad in [
+            "",
+            " ",
+            "nats://a:1,,nats://b:2",
+            "nats://a:1,",
+            "http://a:1",
+        ] {
+            assert!(server_addrs(bad).is_err(), "{bad:?} accepted");
+        }
+        let error = server_addrs("nats://a:1, ,nats://b:2").unwrap_err();
+        assert!(
+            error.contains("entry 2") && error.contains("empty"),
+            "{error}"
+        );
     }
 }

@@ -205,7 +205,13 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("not committed"), "{text}");
-        for error in [refused, unknown] {
+        let no_leader = RoomError::Unavailable(ClusterError::NoResponders);
+        let text = no_leader.to_string();
+        assert!(
+            text.starts_with("not committed") && text.contains("no responders"),
+            "{text}"
+        );
+        for error in [refused, unknown, no_leader] {
             assert_eq!(error.code(), ErrorCode::Unavailable);
         }
     }

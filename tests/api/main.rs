@@ -2,6 +2,7 @@
 
 mod cluster;
 mod cluster_faults;
+mod cluster_ha;
 mod cluster_haproxy;
 mod cluster_migrate;
 mod cluster_shape;
@@ -15,6 +16,7 @@ mod hostile_transport;
 mod http_api;
 mod load_tool;
 mod nats;
+mod nats_cluster;
 mod persistence;
 mod poison;
 mod protection;
