@@ -8,6 +8,7 @@
 
 use super::feed_report::FeedReport;
 use super::health::JetStreamHealth;
+use super::nodes::{Liveness, NodeRecord, Nodes};
 use super::partitions::{Partitions, StreamSettings};
 use super::records::{DirectRecord, RoomEvent};
 use super::subjects::Subjects;
@@ -63,6 +64,8 @@ pub struct Cluster {
     /// Rooms left in the stream-per-room layout have been moved (see
     /// `migrate.rs`): until then this node serves no room.
     migrated: AtomicBool,
+    /// The other nodes' heartbeats and goodbyes.
+    nodes: Arc<Nodes>,
 }
 
 impl Cluster {
@@ -134,8 +137,12 @@ impl Cluster {
             subjects,
             node_id: node_id.to_owned(),
             link_generation,
+            nodes: Arc::new(Nodes::default()),
         });
         tokio::spawn(migrate_when_linked(Arc::downgrade(&cluster)));
+        let heartbeat = &settings.heartbeat;
+        let every = Duration::from_millis(heartbeat.interval_ms.min(heartbeat.timeout_ms / 2).max(1));
+        tokio::spawn(super::nodes::run(Arc::downgrade(&cluster), every));
         Ok(cluster)
     }
 
@@ -239,9 +246,37 @@ impl Cluster {
         });
     }
 
-    /// Sends what is buffered (the last presence updates of a drain).
+    /// What this node knows of `node` (heartbeats, goodbye).
+    pub fn liveness(&self, node: &str) -> Liveness {
+        self.nodes.liveness(node)
+    }
+
+    pub(super) fn nodes(&self) -> &Nodes {
+        &self.nodes
+    }
+
+    /// This node's heartbeat (`alive`) or `goodbye`.
+    pub(super) fn send_node_record(&self, kind: &str) {
+        let record = NodeRecord {
+            node: self.node_id.clone(),
+            kind: kind.to_owned(),
+        };
+        self.publish_core(self.subjects.nodes_alive(), &record);
+    }
+
+    /// Sends what is buffered (the last presence updates of a drain) and
+    /// tells the other nodes this one is gone.
     pub async fn flush(&self) {
         if self.is_linked() {
+            if let Ok(payload) = serde_json::to_vec(&NodeRecord {
+                node: self.node_id.clone(),
+                kind: "goodbye".into(),
+            }) {
+                let _ = self
+                    .client
+                    .publish(self.subjects.nodes_alive(), payload.into())
+                    .await;
+            }
             let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
         }
     }

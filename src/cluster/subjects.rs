@@ -106,6 +106,11 @@ impl Subjects {
         format!("{}.room.{}", self.prefix, Self::token(room))
     }
 
+    /// Core NATS: each node's heartbeat and goodbye, seen by every node.
+    pub fn nodes_alive(&self) -> String {
+        format!("{}.nodes.alive", self.prefix)
+    }
+
     /// Core NATS: direct messages, seen by every node.
     pub fn direct(&self) -> String {
         format!("{}.direct", self.prefix)

@@ -106,8 +106,6 @@ pub struct RoomActor {
     syncing: bool,
     /// Cluster mode: the room's place in its cluster log, and its live feed.
     feed: Feed,
-    /// Cluster mode: when this node last told the others its presence.
-    announced: Instant,
     /// Cluster mode: joins resuming from an offset not applied here yet.
     parked_joins: Vec<(Instant, Join, JoinReply)>,
 }
@@ -133,7 +131,6 @@ impl RoomActor {
             outbox: Outbox::default(),
             syncing: false,
             feed: Feed::default(),
-            announced: Instant::now(),
             parked_joins: Vec::new(),
         }
     }
