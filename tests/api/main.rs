@@ -1,6 +1,7 @@
 //! One integration test binary; a module per feature, sharing `helpers`.
 
 mod cluster;
+mod cluster_presence;
 mod cluster_faults;
 mod cluster_haproxy;
 mod cluster_migrate;
