@@ -47,6 +47,16 @@ impl Nodes {
             .insert(record.node.clone(), state);
     }
 
+    /// The nodes heard of since `cutoff` (this one not included).
+    pub fn live(&self, cutoff: Instant) -> usize {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|l| matches!(l, Liveness::Alive(at) if *at >= cutoff))
+            .count()
+    }
+
     pub fn liveness(&self, node: &str) -> Liveness {
         self.seen
             .lock()
@@ -71,6 +81,17 @@ pub(super) async fn run(cluster: Weak<Cluster>, every: Duration) {
         drop(link);
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
+    let mut queries = loop {
+        let Some(link) = cluster.upgrade() else {
+            return;
+        };
+        match link.subscribe(link.subjects().nodes_query()).await {
+            Ok(subscriber) => break subscriber,
+            Err(error) => tracing::warn!(%error, "node queries: retrying"),
+        }
+        drop(link);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -78,6 +99,11 @@ pub(super) async fn run(cluster: Weak<Cluster>, every: Duration) {
             _ = tick.tick() => {
                 let Some(link) = cluster.upgrade() else { return };
                 link.send_node_record("alive");
+            }
+            query = queries.next() => {
+                let Some(query) = query else { return };
+                let Some(link) = cluster.upgrade() else { return };
+                link.answer_query(query);
             }
             message = heard.next() => {
                 let Some(message) = message else { return };

@@ -111,6 +111,11 @@ impl Subjects {
         format!("{}.nodes.alive", self.prefix)
     }
 
+    /// Core NATS: requests for every node's counts (`?scope=cluster`).
+    pub fn nodes_query(&self) -> String {
+        format!("{}.nodes.query", self.prefix)
+    }
+
     /// Core NATS: direct messages, seen by every node.
     pub fn direct(&self) -> String {
         format!("{}.direct", self.prefix)

@@ -2,9 +2,9 @@
 //! (one heartbeat per node, not per room). Real hub processes on a real
 //! nats-server; every wait is bounded.
 
-use crate::helpers::{free_port, TestClient};
+use crate::helpers::{free_port, TestClient, WAIT};
 use crate::nats::{spawn_node, NatsServer};
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 /// `nats-server`'s count of messages received from clients (`/varz`).
@@ -94,7 +94,7 @@ async fn a_killed_nodes_users_leave_within_twice_the_timeout() {
 async fn a_drained_node_says_goodbye_and_its_users_leave_promptly() {
     let nats = NatsServer::start();
     let a = spawn_node(&nats, None, &[]).await;
-    let mut b = spawn_node(&nats, None, &[]).await;
+    let b = spawn_node(&nats, None, &[]).await;
     let mut ann = a.connect("user=ann").await;
     ann.join("drain").await;
     let mut bob = b.connect("user=bob").await;
@@ -105,4 +105,63 @@ async fn a_drained_node_says_goodbye_and_its_users_leave_promptly() {
     // Well inside the 1500 ms timeout: not by expiry.
     let took = left_within(&mut ann, "bob", Duration::from_millis(1000)).await;
     eprintln!("a drained node's user left after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scope_cluster_sums_the_live_nodes() {
+    let nats = NatsServer::start();
+    let a = spawn_node(&nats, None, &[]).await;
+    let b = spawn_node(&nats, None, &[]).await;
+    let mut ann = a.connect("user=ann").await;
+    ann.join("shared").await;
+    ann.join("only-a").await;
+    let mut bob = b.connect("user=bob").await;
+    bob.join("shared").await;
+    assert_eq!(ann.next_of("user_joined").await["user"], "bob");
+    // Until b has heard a's heartbeat (bounded).
+    let deadline = Instant::now() + WAIT;
+    let stats = loop {
+        let (status, stats) = b.get_json("/api/stats?scope=cluster").await;
+        assert_eq!(status, 200, "{stats}");
+        if stats["nodes"].as_array().map(|n| n.len()) == Some(2) {
+            break stats;
+        }
+        assert!(Instant::now() < deadline, "b never saw a: {stats}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(stats["scope"], "cluster");
+    assert_eq!(stats["connections"], 2, "{stats}");
+    assert_eq!(stats["rooms"], 2, "{stats}");
+    assert_eq!(stats["users"], 3, "{stats}");
+    assert_eq!(stats["sessions"], 3, "{stats}");
+    let (status, rooms) = b.get_json("/api/rooms?scope=cluster").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        rooms["rooms"],
+        json!([
+            {"room": "only-a", "users": 1, "sessions": 1},
+            {"room": "shared", "users": 2, "sessions": 2},
+        ]),
+        "{rooms}"
+    );
+    // Without a scope (or `node`): this node's answer, as before.
+    let (_, own) = b.get_json("/api/stats").await;
+    let mut keys: Vec<&str> = own.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(keys, ["connections", "node", "rooms", "uptime_secs"]);
+    assert_eq!(own["connections"], 1);
+    assert_eq!(own["rooms"], 1);
+    let (_, own_rooms) = b.get_json("/api/rooms").await;
+    assert_eq!(
+        own_rooms,
+        json!({"rooms": [{"room": "shared", "users": 1, "sessions": 1}]})
+    );
+    let (_, node) = b.get_json("/api/rooms?scope=node").await;
+    assert_eq!(node, own_rooms);
+    // An unknown scope is refused.
+    for path in ["/api/stats?scope=world", "/api/rooms?scope=world"] {
+        let (status, body) = b.get_json(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body.to_string().contains("scope"), "{body}");
+    }
 }
