@@ -46,6 +46,21 @@ impl RoomActor {
         let Some(cluster) = self.context.cluster.clone() else {
             return;
         };
+        let generation = cluster.link_generation();
+        if generation != self.presence_generation && cluster.is_linked() {
+            // A reconnect or a slow subscription: presence updates may have
+            // been lost either way. Ask the others again and say ours.
+            self.presence_generation = generation;
+            cluster.send_room_event(
+                &self.name,
+                &RoomEvent::Sync {
+                    node: cluster.node_id().to_owned(),
+                },
+            );
+            if self.presence.local_users() > 0 {
+                self.announce_presence();
+            }
+        }
         let timeout = Duration::from_millis(self.context.settings.heartbeat.timeout_ms);
         let Some(cutoff) = Instant::now().checked_sub(timeout) else {
             return;

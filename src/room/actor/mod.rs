@@ -108,6 +108,9 @@ pub struct RoomActor {
     feed: Feed,
     /// Cluster mode: joins resuming from an offset not applied here yet.
     parked_joins: Vec<(Instant, Join, JoinReply)>,
+    /// Cluster mode: the link generation presence was last exchanged under
+    /// (a newer one: presence updates may have been lost, so ask again).
+    presence_generation: u64,
 }
 
 impl RoomActor {
@@ -117,6 +120,11 @@ impl RoomActor {
         stats: Arc<RoomStats>,
         registry: RoomRegistry,
     ) -> Self {
+        let presence_generation = registry
+            .context()
+            .cluster
+            .as_ref()
+            .map_or(0, |c| c.link_generation());
         Self {
             durable_signal: Arc::default(),
             name,
@@ -132,6 +140,7 @@ impl RoomActor {
             syncing: false,
             feed: Feed::default(),
             parked_joins: Vec::new(),
+            presence_generation,
         }
     }
 
