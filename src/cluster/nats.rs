@@ -149,7 +149,8 @@ impl Cluster {
         });
         tokio::spawn(migrate_when_linked(Arc::downgrade(&cluster)));
         let heartbeat = &settings.heartbeat;
-        let every = Duration::from_millis(heartbeat.interval_ms.min(heartbeat.timeout_ms / 2).max(1));
+        let every =
+            Duration::from_millis(heartbeat.interval_ms.min(heartbeat.timeout_ms / 2).max(1));
         tokio::spawn(super::nodes::run(Arc::downgrade(&cluster), every));
         Ok(cluster)
     }

@@ -131,9 +131,7 @@ impl ClusterView {
             }
             view.nodes.push(node.to_owned());
             view.connections += report["connections"].as_u64().unwrap_or(0) as usize;
-            if let Ok(rooms) =
-                serde_json::from_value::<Vec<NodeRoom>>(report["rooms"].clone())
-            {
+            if let Ok(rooms) = serde_json::from_value::<Vec<NodeRoom>>(report["rooms"].clone()) {
                 view.rooms.extend(rooms.into_iter().filter_map(|r| {
                     Some(crate::room::RoomSummary {
                         room: RoomName::parse(&r.room).ok()?,

@@ -11,8 +11,8 @@ mod web_client;
 
 use actix_web::web;
 
-pub use bodies::{DirectBody, PublishBody};
 pub use api::node_report;
+pub use bodies::{DirectBody, PublishBody};
 pub use error::ApiError;
 pub use unread_body::close_after_unread_body;
 

@@ -146,7 +146,12 @@ async fn scope_cluster_sums_the_live_nodes() {
     );
     // Without a scope (or `node`): this node's answer, as before.
     let (_, own) = b.get_json("/api/stats").await;
-    let mut keys: Vec<&str> = own.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    let mut keys: Vec<&str> = own
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
     keys.sort();
     assert_eq!(keys, ["connections", "node", "rooms", "uptime_secs"]);
     assert_eq!(own["connections"], 1);

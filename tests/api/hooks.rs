@@ -778,8 +778,7 @@ async fn in_cluster_mode_a_user_joining_or_leaving_is_reported_once_by_its_node(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_cluster_mode_a_room_occupied_and_vacated_is_reported_once_for_the_cluster() {
-    let (backend, _nats, a, b) =
-        two_nodes("session_connected,room_occupied,room_vacated").await;
+    let (backend, _nats, a, b) = two_nodes("session_connected,room_occupied,room_vacated").await;
     // Both nodes serve the room (a read starts and syncs it) before anyone joins.
     for node in [&a, &b] {
         let (status, _) = node.get_json("/api/rooms/occ/messages").await;

@@ -1,10 +1,10 @@
 //! One integration test binary; a module per feature, sharing `helpers`.
 
 mod cluster;
-mod cluster_presence;
 mod cluster_faults;
 mod cluster_haproxy;
 mod cluster_migrate;
+mod cluster_presence;
 mod cluster_shape;
 mod codec_props;
 mod config;

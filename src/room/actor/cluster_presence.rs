@@ -65,13 +65,13 @@ impl RoomActor {
         let Some(cutoff) = Instant::now().checked_sub(timeout) else {
             return;
         };
-        let changes = self
-            .presence
-            .expire_remote_where(|node, seen| match cluster.liveness(node) {
-                Liveness::Gone => true,
-                Liveness::Alive(heard) => heard < cutoff && seen < cutoff,
-                Liveness::Unknown => seen < cutoff,
-            });
+        let changes =
+            self.presence
+                .expire_remote_where(|node, seen| match cluster.liveness(node) {
+                    Liveness::Gone => true,
+                    Liveness::Alive(heard) => heard < cutoff && seen < cutoff,
+                    Liveness::Unknown => seen < cutoff,
+                });
         if !changes.is_empty() {
             // The silent node cannot report its users' departures; every
             // node that sees them does.
