@@ -260,6 +260,13 @@ impl Cluster {
         self.nodes.liveness(node)
     }
 
+    /// The other nodes heard of within `heartbeat.timeout_ms`.
+    pub fn live_nodes(&self) -> usize {
+        Instant::now()
+            .checked_sub(self.heartbeat_timeout)
+            .map_or(0, |cutoff| self.nodes.live(cutoff))
+    }
+
     pub(super) fn nodes(&self) -> &Nodes {
         &self.nodes
     }

@@ -56,20 +56,35 @@ async fn idle_presence_traffic_grows_with_nodes_not_rooms() {
     // Both keep answering pings, idle.
     tokio::spawn(async move { while ann.try_next().await.is_some() {} });
     tokio::spawn(async move { while bob.try_next().await.is_some() {} });
+    // Presence and liveness subjects only (rooms also verify their log
+    // every 10 s while they have members: that traffic is not presence).
+    let client = async_nats::connect(nats.url()).await.expect("nats client");
+    let mut presence = client.subscribe("roomhub.room.>").await.expect("sub");
+    let mut nodes = client.subscribe("roomhub.nodes.>").await.expect("sub");
+    client.flush().await.expect("flush");
     // The heartbeat interval is 500 ms (FAST_HEARTBEAT): a window of two
     // intervals after the joins' own presence updates went out.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = in_msgs(&nats).await;
+    let total_before = in_msgs(&nats).await;
     let window = Duration::from_millis(1000);
-    tokio::time::sleep(window).await;
-    let sent = in_msgs(&nats).await - before;
+    let (mut room_msgs, mut node_msgs) = (0usize, 0usize);
+    let _ = tokio::time::timeout(window, async {
+        loop {
+            tokio::select! {
+                Some(_) = futures_util::StreamExt::next(&mut presence) => room_msgs += 1,
+                Some(_) = futures_util::StreamExt::next(&mut nodes) => node_msgs += 1,
+            }
+        }
+    })
+    .await;
+    let total = in_msgs(&nats).await - total_before;
     eprintln!(
-        "idle presence traffic: {rooms} rooms x 2 nodes: {sent} messages in {window:?} ({} msg/s)",
-        sent as f64 / window.as_secs_f64()
+        "idle presence traffic: {rooms} rooms x 2 nodes in {window:?}: {room_msgs} room presence \
+         messages, {node_msgs} node heartbeats; {total} messages of any kind"
     );
     assert!(
-        (sent as usize) < rooms / 4,
-        "{sent} messages in {window:?} for {rooms} idle rooms"
+        room_msgs + node_msgs < rooms / 4,
+        "{room_msgs} + {node_msgs} presence messages in {window:?} for {rooms} idle rooms"
     );
 }
 
@@ -169,4 +184,32 @@ async fn scope_cluster_sums_the_live_nodes() {
         assert_eq!(status, 400, "{path}: {body}");
         assert!(body.to_string().contains("scope"), "{body}");
     }
+}
+
+/// A join's presence snapshot includes what the cluster already knew: a
+/// node that starts serving a room asks the others' presence first (bounded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn joined_right_after_a_join_on_another_node_lists_both() {
+    let nats = NatsServer::start();
+    let a = spawn_node(&nats, None, &[]).await;
+    let b = spawn_node(&nats, None, &[]).await;
+    let mut failures = 0;
+    for n in 0..5 {
+        let room = format!("fresh-{n}");
+        let mut alice = a.connect("user=alice").await;
+        alice.join(&room).await;
+        let mut bob = b.connect("user=bob").await;
+        let joined = bob.join(&room).await;
+        let users: Vec<&str> = joined["presence"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["user"].as_str().unwrap())
+            .collect();
+        if users != ["alice", "bob"] {
+            failures += 1;
+            eprintln!("{room}: bob's joined listed {users:?}");
+        }
+    }
+    assert_eq!(failures, 0);
 }
