@@ -62,6 +62,14 @@ impl Application {
         ));
         state.hooks.start();
         if let Some(cluster) = cluster {
+            // Weak: the state holds the cluster link.
+            let reporting = Arc::downgrade(&state.clone().into_inner());
+            cluster.set_reporter(Box::new(move || {
+                reporting
+                    .upgrade()
+                    .map(|state| crate::http::node_report(&state))
+                    .unwrap_or_default()
+            }));
             actix_web::rt::spawn(crate::cluster::relay_directs(
                 cluster,
                 state.directory.clone(),

@@ -11,8 +11,10 @@
 //!   republishes it) and read any they missed by direct get: no consumer,
 //!   stream or entry per room, and no traffic for rooms a node does not serve.
 //! - Presence, typing and direct messages are core NATS: they need no log.
-//!   A node refreshes its presence in each room every heartbeat interval;
-//!   a node not heard of for `heartbeat.timeout_ms` has left the room.
+//!   A room announces its node's presence when it changes; each node says
+//!   it is alive once per heartbeat interval (one message per node, see
+//!   `nodes.rs`) and goodbye when it stops; a node not heard of for
+//!   `heartbeat.timeout_ms`, or gone, has left every room.
 //!
 //! Standalone (no NATS URL) is the absence of a [`Cluster`]: rooms sequence
 //! their own offsets and nothing here runs.
@@ -22,6 +24,7 @@ mod health;
 mod log;
 mod migrate;
 mod nats;
+mod nodes;
 mod partitions;
 mod records;
 mod subjects;
@@ -29,6 +32,7 @@ mod subjects;
 pub use log::{live_sequence, AppendError, StoredRecord};
 pub use migrate::MigrateError;
 pub use nats::{server_addrs, Cluster, ClusterError, RuntimeBound};
+pub use nodes::{Liveness, NodeRecord, Nodes};
 pub use records::{DirectRecord, LogBatch, LogRecord, RecordError, RoomEvent};
 pub use subjects::{RoomLog, Subjects};
 

@@ -8,6 +8,7 @@
 
 use super::feed_report::FeedReport;
 use super::health::JetStreamHealth;
+use super::nodes::{Liveness, NodeRecord, Nodes};
 use super::partitions::{Partitions, StreamSettings};
 use super::records::{DirectRecord, RoomEvent};
 use super::subjects::Subjects;
@@ -19,7 +20,7 @@ use async_nats::{Client, ServerAddr};
 use futures_util::StreamExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long JetStream API calls (stream lookups and updates) may take.
 const API_TIMEOUT: Duration = Duration::from_secs(3);
@@ -104,7 +105,15 @@ pub struct Cluster {
     /// Rooms left in the stream-per-room layout have been moved (see
     /// `migrate.rs`): until then this node serves no room.
     migrated: AtomicBool,
+    /// The other nodes' heartbeats and goodbyes.
+    nodes: Arc<Nodes>,
+    /// This node's counts, as it answers `?scope=cluster` queries.
+    reporter: std::sync::OnceLock<Reporter>,
+    heartbeat_timeout: Duration,
 }
+
+/// This node's counts for a cluster-wide answer (`/api/stats`, `/api/rooms`).
+pub type Reporter = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 impl Cluster {
     /// Starts the link. It does not wait for NATS: a node may start while
@@ -179,8 +188,15 @@ impl Cluster {
             subjects,
             node_id: node_id.to_owned(),
             link_generation,
+            nodes: Arc::new(Nodes::default()),
+            reporter: std::sync::OnceLock::new(),
+            heartbeat_timeout: Duration::from_millis(settings.heartbeat.timeout_ms),
         });
         tokio::spawn(migrate_when_linked(Arc::downgrade(&cluster)));
+        let heartbeat = &settings.heartbeat;
+        let every =
+            Duration::from_millis(heartbeat.interval_ms.min(heartbeat.timeout_ms / 2).max(1));
+        tokio::spawn(super::nodes::run(Arc::downgrade(&cluster), every));
         Ok(cluster)
     }
 
@@ -284,9 +300,104 @@ impl Cluster {
         });
     }
 
-    /// Sends what is buffered (the last presence updates of a drain).
+    /// What this node knows of `node` (heartbeats, goodbye).
+    pub fn liveness(&self, node: &str) -> Liveness {
+        self.nodes.liveness(node)
+    }
+
+    /// The other nodes heard of within `heartbeat.timeout_ms`.
+    pub fn live_nodes(&self) -> usize {
+        Instant::now()
+            .checked_sub(self.heartbeat_timeout)
+            .map_or(0, |cutoff| self.nodes.live(cutoff))
+    }
+
+    pub(super) fn nodes(&self) -> &Nodes {
+        &self.nodes
+    }
+
+    /// Sets how this node answers the others' `?scope=cluster` queries.
+    pub fn set_reporter(&self, reporter: Reporter) {
+        let _ = self.reporter.set(reporter);
+    }
+
+    /// This node's own counts (`null` before `set_reporter`).
+    pub fn report(&self) -> serde_json::Value {
+        self.reporter.get().map(|r| r()).unwrap_or_default()
+    }
+
+    pub(super) fn answer_query(&self, query: async_nats::Message) {
+        let Some(reply) = query.reply else {
+            return;
+        };
+        if query.payload.as_ref() == self.node_id.as_bytes() {
+            return;
+        }
+        self.publish_core(reply.to_string(), &self.report());
+    }
+
+    /// The counts of every other live node (each answers once; waits until
+    /// as many answered as nodes are live, or `wait` passed).
+    pub async fn gather(&self, wait: Duration) -> Vec<serde_json::Value> {
+        let expected = Instant::now()
+            .checked_sub(self.heartbeat_timeout)
+            .map(|cutoff| self.nodes.live(cutoff))
+            .unwrap_or(0);
+        if expected == 0 || !self.is_linked() {
+            return Vec::new();
+        }
+        let inbox = self.client.new_inbox();
+        let Ok(mut answers) = self.client.subscribe(inbox.clone()).await else {
+            return Vec::new();
+        };
+        let sent = self
+            .client
+            .publish_with_reply(
+                self.subjects.nodes_query(),
+                inbox,
+                self.node_id.clone().into_bytes().into(),
+            )
+            .await;
+        if sent.is_err() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(wait, async {
+            while let Some(answer) = answers.next().await {
+                if let Ok(value) = serde_json::from_slice(&answer.payload) {
+                    out.push(value);
+                }
+                if out.len() >= expected {
+                    return;
+                }
+            }
+        })
+        .await;
+        out
+    }
+
+    /// This node's heartbeat (`alive`) or `goodbye`.
+    pub(super) fn send_node_record(&self, kind: &str) {
+        let record = NodeRecord {
+            node: self.node_id.clone(),
+            kind: kind.to_owned(),
+        };
+        self.publish_core(self.subjects.nodes_alive(), &record);
+    }
+
+    /// Sends what is buffered (the last presence updates of a drain) and
+    /// tells the other nodes this one is gone.
     pub async fn flush(&self) {
         if self.is_linked() {
+            if let Ok(payload) = serde_json::to_vec(&NodeRecord {
+                node: self.node_id.clone(),
+                kind: "goodbye".into(),
+            }) {
+                let _ = self
+                    .client
+                    .publish(self.subjects.nodes_alive(), payload.into())
+                    .await;
+            }
             let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
         }
     }

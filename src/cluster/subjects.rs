@@ -106,6 +106,16 @@ impl Subjects {
         format!("{}.room.{}", self.prefix, Self::token(room))
     }
 
+    /// Core NATS: each node's heartbeat and goodbye, seen by every node.
+    pub fn nodes_alive(&self) -> String {
+        format!("{}.nodes.alive", self.prefix)
+    }
+
+    /// Core NATS: requests for every node's counts (`?scope=cluster`).
+    pub fn nodes_query(&self) -> String {
+        format!("{}.nodes.query", self.prefix)
+    }
+
     /// Core NATS: direct messages, seen by every node.
     pub fn direct(&self) -> String {
         format!("{}.direct", self.prefix)

@@ -2,6 +2,7 @@
 //! Handlers only check input and ask the room or the directory.
 
 use super::bodies::{read_body, DirectBody, PublishBody};
+use super::scope::{Scope, ScopeParams};
 use super::ApiError;
 use crate::auth::api_key_matches;
 use crate::protocol::{encode, RoomName, ServerFrame, UserId, MAX_HISTORY_PAGE};
@@ -51,20 +52,124 @@ fn body_timeout(state: &AppState) -> std::time::Duration {
     std::time::Duration::from_millis(state.settings.server.body_timeout_ms)
 }
 
-pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({
+pub async fn stats(
+    state: web::Data<AppState>,
+    params: web::Query<ScopeParams>,
+) -> Result<HttpResponse, ApiError> {
+    if params.scope()? == Scope::Cluster {
+        let view = ClusterView::gather(&state).await;
+        let rooms = view.rooms();
+        return Ok(HttpResponse::Ok().json(serde_json::json!({
+            "scope": "cluster",
+            "nodes": view.nodes,
+            "connections": view.connections,
+            "rooms": rooms.len(),
+            "users": rooms.iter().map(|r| r.users).sum::<usize>(),
+            "sessions": rooms.iter().map(|r| r.sessions).sum::<usize>(),
+        })));
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({
         "node": state.node_id,
         "connections": state.directory.session_count(),
         "rooms": state.registry.count(),
         "uptime_secs": state.started.elapsed().as_secs(),
-    }))
+    })))
 }
 
 /// Room names can be private (`dm:alice:bob`), so the list needs the API key;
 /// `/api/stats` (counts only) stays public.
-pub async fn rooms(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn rooms(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    params: web::Query<ScopeParams>,
+) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
+    if params.scope()? == Scope::Cluster {
+        let view = ClusterView::gather(&state).await;
+        return Ok(HttpResponse::Ok().json(serde_json::json!({
+            "scope": "cluster",
+            "nodes": view.nodes,
+            "rooms": view.rooms(),
+        })));
+    }
     Ok(HttpResponse::Ok().json(serde_json::json!({ "rooms": state.registry.summaries() })))
+}
+
+/// What one node reports for `?scope=cluster` (its answer to the others).
+pub fn node_report(state: &AppState) -> serde_json::Value {
+    serde_json::json!({
+        "node": state.node_id,
+        "connections": state.directory.session_count(),
+        "rooms": state.registry.summaries(),
+    })
+}
+
+/// This node's counts and those of the other live nodes.
+struct ClusterView {
+    nodes: Vec<String>,
+    connections: usize,
+    rooms: Vec<crate::room::RoomSummary>,
+}
+
+impl ClusterView {
+    async fn gather(state: &AppState) -> ClusterView {
+        let mut reports = vec![node_report(state)];
+        if let Some(cluster) = &state.cluster {
+            reports.extend(cluster.gather(std::time::Duration::from_secs(1)).await);
+        }
+        let mut view = ClusterView {
+            nodes: Vec::new(),
+            connections: 0,
+            rooms: Vec::new(),
+        };
+        for report in reports {
+            let Some(node) = report["node"].as_str() else {
+                continue;
+            };
+            if view.nodes.iter().any(|n| n == node) {
+                continue;
+            }
+            view.nodes.push(node.to_owned());
+            view.connections += report["connections"].as_u64().unwrap_or(0) as usize;
+            if let Ok(rooms) = serde_json::from_value::<Vec<NodeRoom>>(report["rooms"].clone()) {
+                view.rooms.extend(rooms.into_iter().filter_map(|r| {
+                    Some(crate::room::RoomSummary {
+                        room: RoomName::parse(&r.room).ok()?,
+                        users: r.users,
+                        sessions: r.sessions,
+                    })
+                }));
+            }
+        }
+        view.nodes.sort();
+        view
+    }
+
+    /// Each room once, its users and sessions summed over nodes (a user with
+    /// sessions on two nodes counts on each).
+    fn rooms(&self) -> Vec<crate::room::RoomSummary> {
+        let mut by_room: std::collections::BTreeMap<RoomName, crate::room::RoomSummary> =
+            Default::default();
+        for r in &self.rooms {
+            let entry = by_room
+                .entry(r.room.clone())
+                .or_insert_with(|| crate::room::RoomSummary {
+                    room: r.room.clone(),
+                    users: 0,
+                    sessions: 0,
+                });
+            entry.users += r.users;
+            entry.sessions += r.sessions;
+        }
+        by_room.into_values().collect()
+    }
+}
+
+#[derive(Deserialize)]
+struct NodeRoom {
+    room: String,
+    users: usize,
+    sessions: usize,
 }
 
 #[derive(Deserialize)]

@@ -5,11 +5,13 @@ mod api;
 mod bodies;
 mod error;
 mod health;
+mod scope;
 mod unread_body;
 mod web_client;
 
 use actix_web::web;
 
+pub use api::node_report;
 pub use bodies::{DirectBody, PublishBody};
 pub use error::ApiError;
 pub use unread_body::close_after_unread_body;

@@ -77,11 +77,17 @@ impl Presence {
     }
 
     /// Forgets nodes not heard of since `cutoff` (dead or cut off).
+    #[cfg(test)]
     pub fn expire_remote(&mut self, cutoff: Instant) -> Vec<Change> {
+        self.expire_remote_where(|_, seen| seen < cutoff)
+    }
+
+    /// Forgets the nodes `gone(node, last presence heard)` says are gone.
+    pub fn expire_remote_where(&mut self, gone: impl Fn(&str, Instant) -> bool) -> Vec<Change> {
         let stale: Vec<String> = self
             .remote
             .iter()
-            .filter(|(_, n)| n.seen < cutoff)
+            .filter(|(node, n)| gone(node, n.seen))
             .map(|(node, _)| node.clone())
             .collect();
         let mut changes = Vec::new();

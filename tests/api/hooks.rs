@@ -775,3 +775,51 @@ async fn in_cluster_mode_a_user_joining_or_leaving_is_reported_once_by_its_node(
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_cluster_mode_a_room_occupied_and_vacated_is_reported_once_for_the_cluster() {
+    let (backend, _nats, a, b) = two_nodes("session_connected,room_occupied,room_vacated").await;
+    // Both nodes serve the room (a read starts and syncs it) before anyone joins.
+    for node in [&a, &b] {
+        let (status, _) = node.get_json("/api/rooms/occ/messages").await;
+        assert_eq!(status, 200);
+    }
+    let mut x = a.connect("user=x").await;
+    x.join("occ").await;
+    let mut y = b.connect("user=y").await;
+    y.join("occ").await;
+    assert_eq!(x.next_of("user_joined").await["user"], "y");
+    // y leaves first (x is still there), then x: the room is empty.
+    y.request(json!({"type": "leave", "room": "occ"})).await;
+    assert_eq!(x.next_of("user_left").await["user"], "y");
+    x.request(json!({"type": "leave", "room": "occ"})).await;
+    let (node_a, node_b) = (x.welcome["node"].clone(), y.welcome["node"].clone());
+    let _late_a = a.connect("user=late-a").await;
+    let _late_b = b.connect("user=late-b").await;
+    let got = backend
+        .wait_for("both nodes' later events", |got| {
+            let events = unique_events(got);
+            ["late-a", "late-b"]
+                .iter()
+                .all(|u| events.iter().any(|e| e["user"] == *u))
+        })
+        .await;
+    let mut reports = Vec::new();
+    let mut seen_ids = std::collections::HashSet::new();
+    for g in &got {
+        for e in g.body["events"].as_array().unwrap() {
+            if e["type"] != "session_connected" && seen_ids.insert(e["id"].clone()) {
+                reports.push((g.body["node"].clone(), e["type"].clone()));
+            }
+        }
+    }
+    assert_ne!(node_a, node_b);
+    // Once each, from the node whose user made the room occupied / empty.
+    assert_eq!(
+        reports,
+        [
+            (node_a.clone(), json!("room_occupied")),
+            (node_a, json!("room_vacated")),
+        ]
+    );
+}

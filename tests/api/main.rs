@@ -5,6 +5,7 @@ mod cluster_faults;
 mod cluster_ha;
 mod cluster_haproxy;
 mod cluster_migrate;
+mod cluster_presence;
 mod cluster_shape;
 mod codec_props;
 mod config;

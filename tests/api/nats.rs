@@ -21,13 +21,21 @@ pub(crate) fn nats_server_bin() -> PathBuf {
 
 pub struct NatsServer {
     pub port: u16,
+    /// The HTTP monitoring port (`-m`), when started with one.
+    pub monitor: Option<u16>,
     dir: TempDir,
     child: Option<Child>,
 }
 
 impl NatsServer {
     pub fn start() -> NatsServer {
+        Self::start_with_monitor(None)
+    }
+
+    /// With monitoring on `monitor` (`/varz`), when given.
+    pub fn start_with_monitor(monitor: Option<u16>) -> NatsServer {
         let mut server = NatsServer {
+            monitor,
             port: free_port(),
             dir: tempfile::tempdir().expect("temp dir"),
             child: None,
@@ -51,6 +59,7 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(self.dir.path())
+            .args(self.monitor.map(|m| format!("-m={m}")))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

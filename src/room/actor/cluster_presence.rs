@@ -2,6 +2,7 @@
 //! serve it (core NATS; nothing of it is kept in the cluster log).
 
 use super::*;
+use crate::cluster::Liveness;
 use crate::hooks::events::EventKind;
 use serde_json::json;
 
@@ -21,13 +22,12 @@ impl RoomActor {
                 users: self.presence.local_counts(),
             },
         );
-        self.announced = Instant::now();
     }
 
-    /// Cluster mode: how often this node tells the others its presence (at
-    /// least twice per `heartbeat.timeout_ms`, so a live node never lapses),
-    /// and how often it checks theirs (twice per announcement, so a silent
-    /// node is gone within 1.25 × the timeout, inside the contract's 2 ×).
+    /// Cluster mode: how often this room checks whether the nodes it heard
+    /// presence from are still alive (their heartbeats come at least twice
+    /// per `heartbeat.timeout_ms`; checking four times per timeout drops a
+    /// dead node's users within 1.25 × the timeout, inside the contract's 2 ×).
     pub(super) fn presence_periods(&self) -> (Duration, Duration) {
         let heartbeat = &self.context.settings.heartbeat;
         let announce = Duration::from_millis(heartbeat.interval_ms.min(heartbeat.timeout_ms / 2));
@@ -35,31 +35,54 @@ impl RoomActor {
         (announce, check)
     }
 
-    /// Cluster mode: forgets the presence of nodes gone silent and refreshes
-    /// this node's presence for the others.
+    /// Cluster mode: forgets the presence of nodes gone silent (no heartbeat
+    /// for `heartbeat.timeout_ms`) or gone (goodbye). Presence itself is
+    /// announced only when it changes: nodes' liveness is one heartbeat per
+    /// node (`cluster/nodes.rs`), not one per room.
     pub(super) fn tick_presence(&mut self) {
         if self.log.is_none() {
             return;
         }
-        let timeout = Duration::from_millis(self.context.settings.heartbeat.timeout_ms);
-        let (announce_every, _) = self.presence_periods();
-        if let Some(cutoff) = Instant::now().checked_sub(timeout) {
-            let changes = self.presence.expire_remote(cutoff);
-            if !changes.is_empty() {
-                // The silent node cannot report its users' departures; every
-                // node that sees them does.
-                for change in changes {
-                    self.report(&change);
-                    self.tell_members(change);
-                }
-                if self.presence.is_empty() {
-                    self.emit(EventKind::RoomVacated, || json!({}));
-                }
-                self.update_stats();
+        let Some(cluster) = self.context.cluster.clone() else {
+            return;
+        };
+        let generation = cluster.link_generation();
+        if generation != self.presence_generation && cluster.is_linked() {
+            // A reconnect or a slow subscription: presence updates may have
+            // been lost either way. Ask the others again and say ours.
+            self.presence_generation = generation;
+            cluster.send_room_event(
+                &self.name,
+                &RoomEvent::Sync {
+                    node: cluster.node_id().to_owned(),
+                },
+            );
+            if self.presence.local_users() > 0 {
+                self.announce_presence();
             }
         }
-        if self.presence.local_users() > 0 && self.announced.elapsed() >= announce_every {
-            self.announce_presence();
+        let timeout = Duration::from_millis(self.context.settings.heartbeat.timeout_ms);
+        let Some(cutoff) = Instant::now().checked_sub(timeout) else {
+            return;
+        };
+        let changes =
+            self.presence
+                .expire_remote_where(|node, seen| match cluster.liveness(node) {
+                    Liveness::Gone => true,
+                    Liveness::Alive(heard) => heard < cutoff && seen < cutoff,
+                    Liveness::Unknown => seen < cutoff,
+                });
+        if !changes.is_empty() {
+            // The silent node cannot report its users' departures; every
+            // node that sees them does.
+            for change in changes {
+                self.report(&change);
+                self.tell_members(change);
+            }
+            if self.presence.is_empty() {
+                self.emit(EventKind::RoomVacated, || json!({}));
+            }
+            self.update_stats();
         }
     }
 }

@@ -17,6 +17,53 @@ pub(super) enum Source {
     Log,
 }
 
+/// How long a room that starts being served waits for the other nodes'
+/// presence before it answers its first joins.
+const PRESENCE_WAIT: Duration = Duration::from_millis(500);
+
+/// Asks the other nodes for their presence in `room` and collects the
+/// answers until every live node answered or `PRESENCE_WAIT` passed (nodes
+/// not serving the room, or with nobody in it, do not answer).
+async fn ask_presence(
+    cluster: &crate::cluster::Cluster,
+    room: &RoomName,
+    events: &mut crate::cluster::RuntimeBound<async_nats::Subscriber>,
+) -> Vec<(String, std::collections::BTreeMap<UserId, u32>)> {
+    let expected = cluster.live_nodes();
+    let mut heard = std::collections::BTreeMap::new();
+    if expected == 0 || !cluster.is_linked() {
+        return Vec::new();
+    }
+    cluster.send_room_event(
+        room,
+        &RoomEvent::Sync {
+            node: cluster.node_id().to_owned(),
+        },
+    );
+    let _ = tokio::time::timeout(PRESENCE_WAIT, async {
+        while let Some(message) = futures_util::StreamExt::next(events).await {
+            let Ok(RoomEvent::Presence { node, users }) =
+                serde_json::from_slice::<RoomEvent>(&message.payload)
+            else {
+                continue;
+            };
+            if node == cluster.node_id() {
+                continue;
+            }
+            let users = users
+                .into_iter()
+                .filter_map(|(user, n)| UserId::parse(&user).ok().map(|u| (u, n)))
+                .collect();
+            heard.insert(node, users);
+            if heard.len() >= expected {
+                return;
+            }
+        }
+    })
+    .await;
+    heard.into_iter().collect()
+}
+
 impl RoomActor {
     /// Cluster mode: retries a failed catch-up, keeps the feed and the
     /// appends going, and answers joins waiting for this node to catch up.
@@ -37,14 +84,30 @@ impl RoomActor {
         self.syncing = true;
         let catch_up = replica::catch_up(
             self.context.clone(),
-            cluster,
+            cluster.clone(),
             self.name.clone(),
             TAIL_MAX_MESSAGES,
         );
+        let name = self.name.clone();
+        let catch_up = async move {
+            let mut synced = catch_up.await?;
+            let heard = ask_presence(&cluster, &name, &mut synced.events).await;
+            Ok::<_, RoomError>((synced, heard))
+        };
         ctx.wait(catch_up.into_actor(self).map(|result, act, ctx| {
             act.syncing = false;
             match result {
-                Ok(synced) => act.synced(ctx, synced),
+                Ok((synced, heard)) => {
+                    act.synced(ctx, synced);
+                    // Before any join is answered: `joined` lists what the
+                    // other nodes said.
+                    for (node, users) in heard {
+                        for change in act.presence.set_remote(&node, users, Instant::now()) {
+                            act.tell_members(change);
+                        }
+                    }
+                    act.update_stats();
+                }
                 // While the link is down every starting room fails here each
                 // second: the link's own report says why, once.
                 Err(error) if !act.context.cluster.as_ref().is_some_and(|c| c.is_linked()) => {

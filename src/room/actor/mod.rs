@@ -106,10 +106,11 @@ pub struct RoomActor {
     syncing: bool,
     /// Cluster mode: the room's place in its cluster log, and its live feed.
     feed: Feed,
-    /// Cluster mode: when this node last told the others its presence.
-    announced: Instant,
     /// Cluster mode: joins resuming from an offset not applied here yet.
     parked_joins: Vec<(Instant, Join, JoinReply)>,
+    /// Cluster mode: the link generation presence was last exchanged under
+    /// (a newer one: presence updates may have been lost, so ask again).
+    presence_generation: u64,
 }
 
 impl RoomActor {
@@ -119,6 +120,11 @@ impl RoomActor {
         stats: Arc<RoomStats>,
         registry: RoomRegistry,
     ) -> Self {
+        let presence_generation = registry
+            .context()
+            .cluster
+            .as_ref()
+            .map_or(0, |c| c.link_generation());
         Self {
             durable_signal: Arc::default(),
             name,
@@ -133,8 +139,8 @@ impl RoomActor {
             outbox: Outbox::default(),
             syncing: false,
             feed: Feed::default(),
-            announced: Instant::now(),
             parked_joins: Vec::new(),
+            presence_generation,
         }
     }
 

@@ -1,0 +1,146 @@
+//! Node liveness: each node says it is alive once per heartbeat interval on
+//! one subject (`<prefix>.nodes.alive`: one message per node, not per room),
+//! and goodbye when it stops. Every node keeps when it last heard each
+//! other node; rooms drop the presence of nodes gone silent or gone, so
+//! rooms need announce their presence only when it changes.
+
+use super::nats::Cluster;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Mutex, Weak};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node: String,
+    /// `alive` (heartbeat) or `goodbye` (the node stops).
+    pub kind: String,
+}
+
+/// What this node knows of another node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Last heard at.
+    Alive(Instant),
+    /// Said goodbye.
+    Gone,
+    /// Never heard of (yet).
+    Unknown,
+}
+
+#[derive(Default)]
+pub struct Nodes {
+    seen: Mutex<HashMap<String, Liveness>>,
+}
+
+impl Nodes {
+    pub fn heard(&self, record: &NodeRecord, now: Instant) {
+        let state = if record.kind == "goodbye" {
+            Liveness::Gone
+        } else {
+            Liveness::Alive(now)
+        };
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(record.node.clone(), state);
+    }
+
+    /// The nodes heard of since `cutoff` (this one not included).
+    pub fn live(&self, cutoff: Instant) -> usize {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|l| matches!(l, Liveness::Alive(at) if *at >= cutoff))
+            .count()
+    }
+
+    pub fn liveness(&self, node: &str) -> Liveness {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .copied()
+            .unwrap_or(Liveness::Unknown)
+    }
+}
+
+/// Says this node is alive every `every` and hears the others, for as long
+/// as the cluster link lives.
+pub(super) async fn run(cluster: Weak<Cluster>, every: Duration) {
+    let mut heard = loop {
+        let Some(link) = cluster.upgrade() else {
+            return;
+        };
+        match link.subscribe(link.subjects().nodes_alive()).await {
+            Ok(subscriber) => break subscriber,
+            Err(error) => tracing::warn!(%error, "node heartbeats: retrying"),
+        }
+        drop(link);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let mut queries = loop {
+        let Some(link) = cluster.upgrade() else {
+            return;
+        };
+        match link.subscribe(link.subjects().nodes_query()).await {
+            Ok(subscriber) => break subscriber,
+            Err(error) => tracing::warn!(%error, "node queries: retrying"),
+        }
+        drop(link);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let Some(link) = cluster.upgrade() else { return };
+                link.send_node_record("alive");
+            }
+            query = queries.next() => {
+                let Some(query) = query else { return };
+                let Some(link) = cluster.upgrade() else { return };
+                link.answer_query(query);
+            }
+            message = heard.next() => {
+                let Some(message) = message else { return };
+                let Some(link) = cluster.upgrade() else { return };
+                let Ok(record) = serde_json::from_slice::<NodeRecord>(&message.payload) else {
+                    continue;
+                };
+                if record.node != link.node_id() {
+                    link.nodes().heard(&record, Instant::now());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn goodbye_is_gone_and_a_heartbeat_revives() {
+        let nodes = Nodes::default();
+        let now = Instant::now();
+        assert_eq!(nodes.liveness("a"), Liveness::Unknown);
+        let alive = NodeRecord {
+            node: "a".into(),
+            kind: "alive".into(),
+        };
+        nodes.heard(&alive, now);
+        assert_eq!(nodes.liveness("a"), Liveness::Alive(now));
+        let bye = NodeRecord {
+            node: "a".into(),
+            kind: "goodbye".into(),
+        };
+        nodes.heard(&bye, now);
+        assert_eq!(nodes.liveness("a"), Liveness::Gone);
+        nodes.heard(&alive, now);
+        assert_eq!(nodes.liveness("a"), Liveness::Alive(now));
+    }
+}
