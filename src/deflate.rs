@@ -122,7 +122,12 @@ impl Inflater {
 
     /// Inflates the next piece of the message onto `out`, which never
     /// grows past `max` bytes: `TooBig` as soon as the output would.
-    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>, max: usize) -> Result<(), InflateError> {
+    pub fn feed(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        max: usize,
+    ) -> Result<(), InflateError> {
         let mut consumed = 0;
         while !self.ended {
             if out.len() == out.capacity() {

@@ -115,7 +115,10 @@ mod tests {
 
     #[test]
     fn large_frames_are_compressed_small_ones_are_not_and_order_is_kept() {
-        let long = format!(r#"{{"type":"message","data":{{"text":"{}"}}}}"#, "ab ".repeat(60));
+        let long = format!(
+            r#"{{"type":"message","data":{{"text":"{}"}}}}"#,
+            "ab ".repeat(60)
+        );
         let big = "y".repeat(70_000);
         let short = r#"{"type":"ack","ref":"p1","offset":14}"#;
         let frames = WireFrames::texts([long.as_str(), short, big.as_str()]);
@@ -135,7 +138,10 @@ mod tests {
         // The short frame is byte for byte the plain one.
         let plain = frames.plain();
         let short_plain = &plain.bytes[plain.lens[0]..plain.lens[0] + plain.lens[1]];
-        assert_eq!(&deflated.bytes[deflated.lens[0]..][..deflated.lens[1]], short_plain);
+        assert_eq!(
+            &deflated.bytes[deflated.lens[0]..][..deflated.lens[1]],
+            short_plain
+        );
     }
 
     #[test]

@@ -37,7 +37,10 @@ pub fn accepts(headers: &HeaderMap) -> bool {
 /// One offer: `permessage-deflate; param; param=value`.
 fn acceptable(offer: &str) -> bool {
     let mut parts = offer.split(';').map(str::trim);
-    if !parts.next().is_some_and(|name| name.eq_ignore_ascii_case(NAME)) {
+    if !parts
+        .next()
+        .is_some_and(|name| name.eq_ignore_ascii_case(NAME))
+    {
         return false;
     }
     let mut seen: Vec<&str> = Vec::new();
@@ -87,7 +90,10 @@ mod tests {
     fn offers(values: &[&str]) -> bool {
         let mut headers = HeaderMap::new();
         for value in values {
-            headers.append(SEC_WEBSOCKET_EXTENSIONS, HeaderValue::from_str(value).unwrap());
+            headers.append(
+                SEC_WEBSOCKET_EXTENSIONS,
+                HeaderValue::from_str(value).unwrap(),
+            );
         }
         accepts(&headers)
     }
@@ -101,7 +107,9 @@ mod tests {
             "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
         ]));
         assert!(offers(&["Permessage-Deflate; client_max_window_bits=10"]));
-        assert!(offers(&["permessage-deflate; server_max_window_bits=\"15\""]));
+        assert!(offers(&[
+            "permessage-deflate; server_max_window_bits=\"15\""
+        ]));
     }
 
     #[test]

@@ -311,8 +311,8 @@ impl FrameReader {
             let mut bytes = Vec::new();
             Inflater::whole(payload, &mut bytes, self.max_bytes)?;
             return Ok(Some(if text {
-                let text = ByteString::try_from(Bytes::from(bytes))
-                    .map_err(|_| Violation::InvalidUtf8)?;
+                let text =
+                    ByteString::try_from(Bytes::from(bytes)).map_err(|_| Violation::InvalidUtf8)?;
                 Inbound::Text(text)
             } else {
                 Inbound::Binary
@@ -674,12 +674,22 @@ mod tests {
                 items.push(item);
             }
         }
-        assert_eq!(items, vec![Inbound::Ping(Bytes::from_static(b"ping")), text(&long)]);
-        assert_eq!(reader.held_bytes(), 0, "no inflate state or buffer after it");
+        assert_eq!(
+            items,
+            vec![Inbound::Ping(Bytes::from_static(b"ping")), text(&long)]
+        );
+        assert_eq!(
+            reader.held_bytes(),
+            0,
+            "no inflate state or buffer after it"
+        );
         // RSV1 on a continuation or a control frame is an error.
         let mut bad = frame(0x41, a);
         bad.extend(frame(0xc0, b));
-        assert!(matches!(read_deflate(1024, &bad).1, Some(Violation::Protocol(_))));
+        assert!(matches!(
+            read_deflate(1024, &bad).1,
+            Some(Violation::Protocol(_))
+        ));
         assert!(matches!(
             read_deflate(1024, &frame(0xc9, b"")).1,
             Some(Violation::Protocol(_))
@@ -699,7 +709,10 @@ mod tests {
         let (a, b) = bomb.split_at(bomb.len() / 2);
         let mut wire = frame(0x41, a);
         wire.extend(frame(0x80, b));
-        assert_eq!(read_deflate(65_536, &wire).1, Some(Violation::TooBig(65_536)));
+        assert_eq!(
+            read_deflate(65_536, &wire).1,
+            Some(Violation::TooBig(65_536))
+        );
         // Corrupt data is a protocol error; inflated text must be UTF-8.
         let (_, violation) = read_deflate(1024, &frame(0xc1, &[0xff; 8]));
         assert!(matches!(violation, Some(Violation::Protocol(_))));

@@ -22,10 +22,10 @@
 
 use super::ledger::OutboundLedger;
 use crate::outbound::{deflate, Encoded, FrameSink, Taken, WireFrames};
-use prometheus::IntCounter;
 use actix_http::ws::{CloseReason, OpCode, Parser};
 use bytes::{Buf, BytesMut};
 use parking_lot::Mutex;
+use prometheus::IntCounter;
 use std::cell::RefCell;
 use std::io;
 use std::sync::Arc;

@@ -6,6 +6,7 @@ mod cluster_haproxy;
 mod cluster_migrate;
 mod cluster_shape;
 mod codec_props;
+mod compression;
 mod config;
 mod docs;
 mod helpers;
