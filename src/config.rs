@@ -27,6 +27,7 @@ pub struct Settings {
     pub history: HistorySettings,
     pub heartbeat: HeartbeatSettings,
     pub limits: LimitSettings,
+    pub websocket: WebSocketSettings,
     pub auth: AuthSettings,
     pub cluster: ClusterSettings,
     pub rooms: RoomSettings,
@@ -151,6 +152,19 @@ impl Default for LimitSettings {
             handshakes_per_ip_per_sec: 50,
             outbound_queue: 1024,
         }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketSettings {
+    /// Accept permessage-deflate (RFC 7692) from clients that offer it.
+    pub compression: bool,
+}
+
+impl Default for WebSocketSettings {
+    fn default() -> Self {
+        Self { compression: true }
     }
 }
 

@@ -14,12 +14,17 @@
 //! - [`cluster`]: cluster mode over NATS: a fixed set of JetStream partition
 //!   streams holds the room logs, one subject per room (offsets = subject
 //!   sequences, optimistic appends, direct-get catch-up, a republished live
-//!   feed); the upgrade from the stream-per-room layout; presence, typing,
-//!   directs on core NATS.
-//! - [`outbound`]: the one non-blocking way frames reach sessions.
+//!   feed); the upgrade from the stream-per-room layout; node liveness and
+//!   presence by change, typing, directs on core NATS (`cluster::nodes`).
+//! - [`outbound`]: the one non-blocking way frames reach sessions; a
+//!   broadcast is encoded once, and compressed once for the members that
+//!   negotiated permessage-deflate (`outbound::deflate`).
+//! - [`deflate`]: raw deflate per RFC 7692 with no context kept between
+//!   messages: compress a payload, inflate one under a size limit.
 //! - [`directory`]: sessions by user, for direct messages and the drain.
 //! - [`session`]: the WebSocket session; owns its TCP socket after the upgrade
-//!   (the only code that touches a WebSocket connection).
+//!   (the only code that touches a WebSocket connection); `session::deflate`
+//!   negotiates permessage-deflate, the frame reader inflates under the limit.
 //! - [`http`]: the route table: `/ws`, health, metrics, the HTTP API, the web client.
 //! - [`expectation`]: the `Expect` header: 417 for what actix-http does not meet.
 //! - [`metrics`], [`telemetry`]: Prometheus counters, tracing setup.
@@ -34,6 +39,7 @@
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod deflate;
 pub mod directory;
 pub mod expectation;
 pub mod heap;

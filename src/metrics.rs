@@ -15,6 +15,11 @@ pub struct Metrics {
     pub rooms: IntGauge,
     pub messages_published: IntCounter,
     pub messages_delivered: IntCounter,
+    /// Connections that negotiated permessage-deflate.
+    pub compressed_connections: IntCounter,
+    /// Frames delivered compressed (a part of what the hub sends: room
+    /// messages and the session's own frames, over the size threshold).
+    pub messages_delivered_compressed: IntCounter,
     pub direct_messages: IntCounter,
     pub slow_consumer_disconnects: IntCounter,
     pub rate_limited: IntCounter,
@@ -127,6 +132,14 @@ impl Metrics {
             messages_delivered: counter(
                 "roomhub_messages_delivered_total",
                 "message frames handed to sessions",
+            ),
+            compressed_connections: counter(
+                "roomhub_compressed_connections_total",
+                "WebSocket connections that negotiated permessage-deflate",
+            ),
+            messages_delivered_compressed: counter(
+                "roomhub_messages_delivered_compressed_total",
+                "frames sent compressed (permessage-deflate, over the size threshold): room messages and a session's own frames",
             ),
             direct_messages: counter(
                 "roomhub_direct_messages_total",

@@ -15,7 +15,9 @@
 use crate::protocol::{CloseCode, RoomName};
 use actix::{Message, Recipient};
 use bytes::{Bytes, BytesMut};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+pub mod deflate;
 
 /// Notices for a session's mailbox (frames take the [`FrameSink`]).
 #[derive(Debug, Clone, Message)]
@@ -31,12 +33,27 @@ pub enum Outbound {
 }
 
 /// Text frames encoded once for the wire (WebSocket header and payload, back
-/// to back): cloning shares the bytes.
+/// to back): cloning shares the bytes. For members that negotiated
+/// permessage-deflate they are compressed once too, on first use, and those
+/// bytes are shared the same way (see [`deflate`]).
 #[derive(Debug, Clone)]
-pub struct WireFrames {
-    bytes: Bytes,
+pub struct WireFrames(Arc<Encodings>);
+
+#[derive(Debug)]
+struct Encodings {
+    plain: Encoded,
+    /// Made by the first member that takes compressed frames.
+    deflated: OnceLock<Encoded>,
+}
+
+/// Frames on the wire, one encoding.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub bytes: Bytes,
     /// Each frame's length on the wire, in order.
-    lens: Arc<[usize]>,
+    pub lens: Arc<[usize]>,
+    /// How many of them are compressed (RSV1 set).
+    pub compressed: usize,
 }
 
 impl WireFrames {
@@ -52,23 +69,41 @@ impl WireFrames {
             crate::session::encode_text(&mut buffer, payload);
             lens.push(buffer.len() - before);
         }
-        Self {
-            bytes: buffer.freeze(),
-            lens: lens.into(),
-        }
+        Self(Arc::new(Encodings {
+            plain: Encoded {
+                bytes: buffer.freeze(),
+                lens: lens.into(),
+                compressed: 0,
+            },
+            deflated: OnceLock::new(),
+        }))
     }
 
+    /// The frames as sent to a member without compression.
+    pub fn plain(&self) -> &Encoded {
+        &self.0.plain
+    }
+
+    /// The frames as sent to a member with permessage-deflate: compressed
+    /// by the first such member's writer, shared by all the others.
+    pub fn deflated(&self) -> &Encoded {
+        self.0
+            .deflated
+            .get_or_init(|| deflate::encode(&self.0.plain))
+    }
+
+    /// The plain frames' bytes.
     pub fn bytes(&self) -> &[u8] {
-        &self.bytes
+        &self.0.plain.bytes
     }
 
     pub fn lens(&self) -> &[usize] {
-        &self.lens
+        &self.0.plain.lens
     }
 
     /// How many frames.
     pub fn count(&self) -> usize {
-        self.lens.len()
+        self.0.plain.lens.len()
     }
 }
 

@@ -46,6 +46,9 @@ pub struct Conn {
     start: usize,
     end: usize,
     out: Vec<u8>,
+    /// Where a compressed frame is inflated (permessage-deflate, no
+    /// context takeover: every frame inflates on its own).
+    inflated: Vec<u8>,
 }
 
 impl Conn {
@@ -54,8 +57,14 @@ impl Conn {
         let request = format!(
             "GET {}?user={user} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             Sec-WebSocket-Version: 13\r\n\r\n",
-            target.path, target.authority
+             Sec-WebSocket-Version: 13\r\n{}\r\n",
+            target.path,
+            target.authority,
+            if target.compress {
+                "Sec-WebSocket-Extensions: permessage-deflate\r\n"
+            } else {
+                ""
+            }
         );
         stream.write_all(request.as_bytes()).await?;
         let mut conn = Conn {
@@ -64,6 +73,7 @@ impl Conn {
             start: 0,
             end: 0,
             out: Vec::new(),
+            inflated: Vec::new(),
         };
         loop {
             if conn.read().await? == 0 {
@@ -119,8 +129,18 @@ impl Conn {
             if self.end - self.start < header + len {
                 break;
             }
-            let payload = &self.buf[self.start + header..self.start + header + len];
+            let mut payload = &self.buf[self.start + header..self.start + header + len];
+            let compressed = self.buf[self.start] & 0x40 != 0;
             self.start += header + len;
+            if compressed {
+                self.inflated.clear();
+                if crate::deflate::Inflater::whole(payload, &mut self.inflated, READ_MAX * 64)
+                    .is_err()
+                {
+                    continue;
+                }
+                payload = &self.inflated;
+            }
             let go_on = match op {
                 OP_TEXT => match std::str::from_utf8(payload) {
                     Ok(text) => on_frame(Incoming::Text(text)),
@@ -213,6 +233,8 @@ pub struct Target {
     /// `host:port` as given, for the request line.
     pub authority: String,
     pub path: String,
+    /// Offer permessage-deflate (`--compress`).
+    pub compress: bool,
 }
 
 /// How a publisher publishes.

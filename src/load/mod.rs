@@ -98,6 +98,9 @@ pub struct LoadArgs {
     /// Print the summary as one JSON object on stdout (progress goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Offer permessage-deflate; compressed frames from the hub are inflated.
+    #[arg(long)]
+    pub compress: bool,
 }
 
 impl LoadArgs {
@@ -145,7 +148,17 @@ pub fn run(args: LoadArgs) -> ExitCode {
         eprintln!("roomhub load: {e}");
         return ExitCode::from(2);
     }
-    let targets = match args.url.split(',').map(parse_url).collect() {
+    let parsed: anyhow::Result<Vec<Target>> = args
+        .url
+        .split(',')
+        .map(|url| {
+            parse_url(url).map(|t| Target {
+                compress: args.compress,
+                ..t
+            })
+        })
+        .collect();
+    let targets = match parsed {
         Ok(targets) => Targets {
             all: targets,
             publish: None,
@@ -226,6 +239,7 @@ fn parse_url(url: &str) -> anyhow::Result<Target> {
         addr,
         authority: authority.to_string(),
         path: path.to_string(),
+        compress: false,
     })
 }
 

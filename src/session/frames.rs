@@ -14,13 +14,24 @@
 //! is checked as UTF-8 as it arrives, and close payloads are validated with
 //! a distinct code for a reason that is not UTF-8 (1007) and a bad status
 //! code (1002), which the parser reports alike.
+//!
+//! With permessage-deflate negotiated (RFC 7692), a message whose first
+//! frame has RSV1 set is inflated under the same limit, and refused with
+//! 1009 as soon as its inflated size passes it (a deflate bomb is never
+//! inflated in full). A message in one frame is inflated with the thread's
+//! inflater; only a compressed message arriving in fragments has inflate
+//! state of its own, for as long as it is arriving.
 
+use crate::deflate::{InflateError, Inflater};
 use actix_http::ws::{CloseReason, OpCode, Parser};
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 
 /// The longest frame header: 2 bytes, an 8-byte length, a 4-byte mask.
 pub const MAX_HEADER_BYTES: usize = 14;
+
+/// RSV1: a compressed message (RFC 7692 §6), on its first frame only.
+const RSV1: u8 = 0x40;
 
 /// RFC 6455 §5.5: control frames carry at most 125 bytes.
 const MAX_CONTROL_PAYLOAD: u64 = 125;
@@ -52,6 +63,15 @@ pub enum Violation {
     InvalidUtf8,
 }
 
+impl From<InflateError> for Violation {
+    fn from(e: InflateError) -> Self {
+        match e {
+            InflateError::TooBig(max) => Violation::TooBig(max),
+            InflateError::Corrupt => Violation::Protocol("invalid compressed data"),
+        }
+    }
+}
+
 impl Violation {
     pub fn close_code(self) -> crate::protocol::CloseCode {
         use crate::protocol::CloseCode;
@@ -80,6 +100,21 @@ enum Fragmented {
     Binary {
         len: usize,
     },
+    /// A compressed message (boxed: the inflate state is only allocated
+    /// while such a message arrives, and the reader stays small).
+    Deflated(Box<Deflating>),
+}
+
+/// A compressed message arriving in fragments.
+struct Deflating {
+    inflater: Inflater,
+    text: bool,
+    /// Inflated so far; at most the limit.
+    bytes: Vec<u8>,
+    /// As for `Fragmented::Text`.
+    checked: usize,
+    /// Compressed bytes so far: the limit applies on the wire too.
+    wire: usize,
 }
 
 pub struct FrameReader {
@@ -88,6 +123,8 @@ pub struct FrameReader {
     inbound: BytesMut,
     fragmented: Fragmented,
     max_bytes: usize,
+    /// permessage-deflate was negotiated: RSV1 marks a compressed message.
+    deflate: bool,
 }
 
 impl FrameReader {
@@ -98,7 +135,14 @@ impl FrameReader {
             inbound: BytesMut::from(leftover),
             fragmented: Fragmented::None,
             max_bytes,
+            deflate: false,
         }
+    }
+
+    /// With permessage-deflate negotiated.
+    pub fn with_deflate(mut self, deflate: bool) -> Self {
+        self.deflate = deflate;
+        self
     }
 
     /// Takes bytes read from the connection. Call [`Self::next_inbound`] until it
@@ -113,6 +157,7 @@ impl FrameReader {
     pub fn held_bytes(&self) -> usize {
         let fragments = match &self.fragmented {
             Fragmented::Text { bytes, .. } => bytes.capacity(),
+            Fragmented::Deflated(d) => d.bytes.capacity(),
             Fragmented::None | Fragmented::Failed | Fragmented::Binary { .. } => 0,
         };
         self.inbound.capacity() + fragments
@@ -144,18 +189,39 @@ impl FrameReader {
 
     fn decode(&mut self) -> Result<Option<Inbound>, Violation> {
         loop {
-            let Some((opcode, declared)) = peek_header(&self.inbound) else {
+            let Some((first, declared)) = peek_header(&self.inbound) else {
                 return Ok(None);
             };
+            let opcode = first & 0x0f;
+            let compressed = self.deflate && first & RSV1 != 0;
+            if compressed {
+                // §6.1: only the first frame of a data message may say so.
+                if opcode == 0 || opcode & 0x8 != 0 {
+                    return Err(Violation::Protocol(
+                        "RSV1 on a continuation or control frame",
+                    ));
+                }
+                // actix-http's parser refuses reserved bits; the bit is
+                // taken off for it, and put back while the frame is partial.
+                self.inbound[0] &= !RSV1;
+            }
             self.check_declared(opcode, declared)?;
-            let Some((fin, opcode, payload)) =
-                Parser::parse(&mut self.inbound, true, self.max_bytes).map_err(parse_violation)?
-            else {
+            let parsed =
+                Parser::parse(&mut self.inbound, true, self.max_bytes).map_err(parse_violation)?;
+            let Some((fin, opcode, payload)) = parsed else {
+                if compressed {
+                    self.inbound[0] |= RSV1;
+                }
                 return Ok(None);
             };
             let payload = payload.map(BytesMut::freeze).unwrap_or_default();
+            let frame = if compressed {
+                self.on_compressed(fin, opcode, &payload)?
+            } else {
+                self.on_frame(fin, opcode, payload)?
+            };
             // Only a fragment that does not end a message yields nothing.
-            if let Some(inbound) = self.on_frame(fin, opcode, payload)? {
+            if let Some(inbound) = frame {
                 return Ok(Some(inbound));
             }
         }
@@ -175,6 +241,7 @@ impl FrameReader {
             // A continuation adds to its message (a stray one fails later).
             (Fragmented::Text { bytes, .. }, 0) => bytes.len(),
             (Fragmented::Binary { len }, 0) => *len,
+            (Fragmented::Deflated(d), 0) => d.wire,
             _ => 0,
         };
         let total = (so_far as u64).saturating_add(declared);
@@ -192,7 +259,7 @@ impl FrameReader {
     ) -> Result<Option<Inbound>, Violation> {
         let open = matches!(
             self.fragmented,
-            Fragmented::Text { .. } | Fragmented::Binary { .. }
+            Fragmented::Text { .. } | Fragmented::Binary { .. } | Fragmented::Deflated(_)
         );
         match opcode {
             OpCode::Text | OpCode::Binary if open => Err(Violation::Protocol(
@@ -226,10 +293,55 @@ impl FrameReader {
         }
     }
 
+    /// The first frame of a compressed message (a text or binary frame
+    /// with RSV1; other frames were refused on their header).
+    fn on_compressed(
+        &mut self,
+        fin: bool,
+        opcode: OpCode,
+        payload: &[u8],
+    ) -> Result<Option<Inbound>, Violation> {
+        if !matches!(self.fragmented, Fragmented::None) {
+            return Err(Violation::Protocol(
+                "a new message inside a fragmented message",
+            ));
+        }
+        let text = opcode == OpCode::Text;
+        if fin {
+            let mut bytes = Vec::new();
+            Inflater::whole(payload, &mut bytes, self.max_bytes)?;
+            return Ok(Some(if text {
+                let text =
+                    ByteString::try_from(Bytes::from(bytes)).map_err(|_| Violation::InvalidUtf8)?;
+                Inbound::Text(text)
+            } else {
+                Inbound::Binary
+            }));
+        }
+        self.fragmented = Fragmented::Deflated(Box::new(Deflating {
+            inflater: Inflater::new(),
+            text,
+            bytes: Vec::new(),
+            checked: 0,
+            wire: 0,
+        }));
+        self.add_fragment(false, payload)
+    }
+
     /// Adds a fragment to the open message (its size already checked);
     /// the whole message once `fin`.
     fn add_fragment(&mut self, fin: bool, payload: &[u8]) -> Result<Option<Inbound>, Violation> {
         match &mut self.fragmented {
+            Fragmented::Deflated(d) => {
+                d.wire += payload.len();
+                d.inflater.feed(payload, &mut d.bytes, self.max_bytes)?;
+                if fin {
+                    d.inflater.finish(&mut d.bytes, self.max_bytes)?;
+                }
+                if d.text {
+                    d.checked = utf8_checked(&d.bytes, d.checked)?;
+                }
+            }
             Fragmented::Text { bytes, checked } => {
                 reserve_within(bytes, payload.len(), self.max_bytes);
                 bytes.extend_from_slice(payload);
@@ -252,13 +364,20 @@ impl FrameReader {
             // It ends inside a character.
             Fragmented::Text { .. } => Err(Violation::InvalidUtf8),
             Fragmented::Binary { .. } => Ok(Some(Inbound::Binary)),
+            Fragmented::Deflated(d) if !d.text => Ok(Some(Inbound::Binary)),
+            Fragmented::Deflated(d) if d.checked == d.bytes.len() => {
+                ByteString::try_from(Bytes::from(d.bytes))
+                    .map(|text| Some(Inbound::Text(text)))
+                    .map_err(|_| Violation::InvalidUtf8)
+            }
+            Fragmented::Deflated(_) => Err(Violation::InvalidUtf8),
             Fragmented::None | Fragmented::Failed => Ok(None),
         }
     }
 }
 
-/// The opcode and declared payload length of the frame at the start of
-/// `buf`, once its header's length bytes are in.
+/// The first byte (FIN, RSV, opcode) and declared payload length of the
+/// frame at the start of `buf`, once its header's length bytes are in.
 fn peek_header(buf: &[u8]) -> Option<(u8, u64)> {
     let (&first, rest) = buf.split_first()?;
     let (&second, rest) = rest.split_first()?;
@@ -267,7 +386,7 @@ fn peek_header(buf: &[u8]) -> Option<(u8, u64)> {
         127 => u64::from_be_bytes(rest.get(..8)?.try_into().ok()?),
         len => u64::from(len),
     };
-    Some((first & 0x0f, declared))
+    Some((first, declared))
 }
 
 /// Grows a reassembly buffer as `Vec` would (doubling, so many small
@@ -497,8 +616,108 @@ mod tests {
     #[test]
     fn the_reader_is_no_bigger_than_the_codec_and_fragment_buffer_it_replaced() {
         // actix-http's `ws::Codec` (16 bytes), a `BytesMut` (32) and the
-        // session's `Option`-like fragment buffer (24): idle memory stays.
-        assert!(std::mem::size_of::<FrameReader>() <= 72);
+        // session's `Option`-like fragment buffer (24): idle memory stays,
+        // but for the permessage-deflate flag (8 with padding; inflate
+        // state is boxed, and only while a compressed message arrives).
+        assert!(std::mem::size_of::<FrameReader>() <= 80);
+    }
+
+    fn deflated(text: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        crate::deflate::compress(text, &mut out);
+        out
+    }
+
+    fn read_deflate(max: usize, wire: &[u8]) -> (Vec<Inbound>, Option<Violation>) {
+        let mut reader = FrameReader::new(max, &[]).with_deflate(true);
+        reader.feed(wire);
+        let mut out = Vec::new();
+        loop {
+            match reader.next_inbound() {
+                Ok(Some(item)) => out.push(item),
+                Ok(None) => return (out, None),
+                Err(v) => return (out, Some(v)),
+            }
+        }
+    }
+
+    #[test]
+    fn a_compressed_message_is_inflated_and_plain_ones_still_pass() {
+        let hello = format!(r#"{{"type":"publish","data":"{}"}}"#, "hello ".repeat(30));
+        let mut wire = frame(0xc1, &deflated(hello.as_bytes()));
+        wire.extend(frame(0x81, b"plain"));
+        wire.extend(frame(0xc2, &deflated(b"\x00\x01")));
+        let (items, violation) = read_deflate(1024, &wire);
+        assert_eq!(violation, None);
+        assert_eq!(items, vec![text(&hello), text("plain"), Inbound::Binary]);
+        // Not negotiated: RSV1 is a protocol error, as before.
+        let (_, violation) = read_all(1024, &frame(0xc1, &deflated(b"x")));
+        assert!(matches!(violation, Some(Violation::Protocol(_))));
+    }
+
+    #[test]
+    fn a_fragmented_compressed_message_has_rsv1_on_its_first_frame_only() {
+        let long = "fragments ".repeat(50);
+        let wire = deflated(long.as_bytes());
+        let (a, rest) = wire.split_at(wire.len() / 3);
+        let (b, c) = rest.split_at(rest.len() / 2);
+        let mut stream = frame(0x41, a); // RSV1, text, not FIN
+        stream.extend(frame(0x89, b"ping")); // control frames may interleave
+        stream.extend(frame(0x00, b));
+        stream.extend(frame(0x80, c));
+        // Arriving a byte at a time changes nothing.
+        let mut reader = FrameReader::new(1024, &[]).with_deflate(true);
+        let mut items = Vec::new();
+        for byte in &stream {
+            reader.feed(std::slice::from_ref(byte));
+            while let Some(item) = reader.next_inbound().unwrap() {
+                items.push(item);
+            }
+        }
+        assert_eq!(
+            items,
+            vec![Inbound::Ping(Bytes::from_static(b"ping")), text(&long)]
+        );
+        assert_eq!(
+            reader.held_bytes(),
+            0,
+            "no inflate state or buffer after it"
+        );
+        // RSV1 on a continuation or a control frame is an error.
+        let mut bad = frame(0x41, a);
+        bad.extend(frame(0xc0, b));
+        assert!(matches!(
+            read_deflate(1024, &bad).1,
+            Some(Violation::Protocol(_))
+        ));
+        assert!(matches!(
+            read_deflate(1024, &frame(0xc9, b"")).1,
+            Some(Violation::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn a_deflate_bomb_is_too_big_while_inflating() {
+        // 1 MiB of spaces in about 1 KiB, against a 64 KiB limit.
+        let bomb = deflated(&vec![b' '; 1 << 20]);
+        assert!(bomb.len() < 4096);
+        let (items, violation) = read_deflate(65_536, &frame(0xc1, &bomb));
+        assert!(items.is_empty());
+        assert_eq!(violation, Some(Violation::TooBig(65_536)));
+        assert_eq!(violation.unwrap().close_code().code(), 1009);
+        // In fragments, too.
+        let (a, b) = bomb.split_at(bomb.len() / 2);
+        let mut wire = frame(0x41, a);
+        wire.extend(frame(0x80, b));
+        assert_eq!(
+            read_deflate(65_536, &wire).1,
+            Some(Violation::TooBig(65_536))
+        );
+        // Corrupt data is a protocol error; inflated text must be UTF-8.
+        let (_, violation) = read_deflate(1024, &frame(0xc1, &[0xff; 8]));
+        assert!(matches!(violation, Some(Violation::Protocol(_))));
+        let (_, violation) = read_deflate(1024, &frame(0xc1, &deflated(b"ok\xff")));
+        assert_eq!(violation, Some(Violation::InvalidUtf8));
     }
 
     #[test]

@@ -7,9 +7,12 @@
 //! in between. `frames` decodes and checks client frames (RFC 6455, memory
 //! bounded by the frame limit) without touching a socket, so the fuzz
 //! target drives the very code a session runs. Nothing outside this module
-//! knows how the socket is driven.
+//! knows how the socket is driven. `deflate` negotiates permessage-deflate
+//! (RFC 7692) at the upgrade on terms that keep idle connections free of
+//! deflate state.
 
 mod actor;
+mod deflate;
 pub mod frames;
 mod ledger;
 mod outbox;

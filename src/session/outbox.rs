@@ -21,10 +21,11 @@
 //! taken its last byte; a full ledger refuses frames (the session is too slow).
 
 use super::ledger::OutboundLedger;
-use crate::outbound::{FrameSink, Taken, WireFrames};
+use crate::outbound::{deflate, Encoded, FrameSink, Taken, WireFrames};
 use actix_http::ws::{CloseReason, OpCode, Parser};
 use bytes::{Buf, BytesMut};
 use parking_lot::Mutex;
+use prometheus::IntCounter;
 use std::cell::RefCell;
 use std::io;
 use std::sync::Arc;
@@ -68,6 +69,9 @@ pub fn encode_text(buffer: &mut BytesMut, payload: &str) {
 pub struct Outbox {
     io: Arc<TcpStream>,
     state: Mutex<State>,
+    /// With permessage-deflate negotiated: where compressed frames are
+    /// counted (`roomhub_messages_delivered_compressed_total`).
+    deflate: Option<IntCounter>,
 }
 
 struct State {
@@ -105,9 +109,12 @@ impl State {
 }
 
 impl Outbox {
-    pub fn new(io: Arc<TcpStream>, outbound_queue: usize) -> Self {
+    /// `deflate`: permessage-deflate was negotiated; compressed frames are
+    /// counted there.
+    pub fn new(io: Arc<TcpStream>, outbound_queue: usize, deflate: Option<IntCounter>) -> Self {
         Self {
             io,
+            deflate,
             state: Mutex::new(State {
                 waiting: BytesMut::new(),
                 ledger: OutboundLedger::new(outbound_queue),
@@ -123,11 +130,21 @@ impl Outbox {
     /// queued) if the outbound queue is full.
     pub fn push_text(&self, payload: &str) -> bool {
         let mut state = self.state.lock();
-        if !state.ledger.try_push(payload.len()) {
+        if !state.ledger.has_room_for(1) {
             return false;
         }
         state.start_waiting();
-        encode_text(&mut state.waiting, payload);
+        let before = state.waiting.len();
+        // The session's own frames go to this connection only: compressed
+        // here (with the thread's compressor), if large enough.
+        match &self.deflate {
+            Some(compressed) if deflate::write_text(&mut state.waiting, payload.as_bytes()) => {
+                compressed.inc();
+            }
+            _ => encode_text(&mut state.waiting, payload),
+        }
+        let wire = state.waiting.len() - before;
+        state.ledger.record_wire(wire);
         true
     }
 
@@ -215,8 +232,22 @@ impl Outbox {
     }
 }
 
+impl Outbox {
+    fn count_compressed(&self, encoded: &Encoded) {
+        if let (Some(counter), compressed @ 1..) = (&self.deflate, encoded.compressed) {
+            counter.inc_by(compressed as u64);
+        }
+    }
+}
+
 impl FrameSink for Outbox {
     fn take(&self, frames: &WireFrames) -> Taken {
+        // Compressed (once per broadcast, by whichever member comes first)
+        // before the lock, so other writers do not wait for it.
+        let encoded = match self.deflate {
+            Some(_) => frames.deflated(),
+            None => frames.plain(),
+        };
         let mut state = self.state.lock();
         if state.ended || state.failed.is_some() {
             return Taken::Closed;
@@ -224,13 +255,14 @@ impl FrameSink for Outbox {
         if !state.ledger.has_room_for(frames.count()) {
             return Taken::Full;
         }
-        let bytes = frames.bytes();
+        let bytes = &encoded.bytes[..];
         if !state.waiting.is_empty() {
             // A send is coming (see the invariant); these go after.
-            for &len in frames.lens() {
+            for &len in encoded.lens.iter() {
                 state.ledger.record_wire(len);
             }
             state.waiting.extend_from_slice(bytes);
+            self.count_compressed(encoded);
             return Taken::All;
         }
         let sent = match self.io.try_write(bytes) {
@@ -245,11 +277,12 @@ impl FrameSink for Outbox {
                 return Taken::Closed;
             }
         };
+        self.count_compressed(encoded);
         if sent == bytes.len() {
             // The common case: nothing was queued, so nothing to count.
             return Taken::All;
         }
-        for &len in frames.lens() {
+        for &len in encoded.lens.iter() {
             state.ledger.record_wire(len);
         }
         if sent > 0 {

@@ -10,6 +10,7 @@ use super::frames::{FrameReader, Inbound, Violation};
 use super::outbox::Outbox;
 use actix_http::ws::{CloseReason, OpCode};
 use bytes::{Buf, BytesMut};
+use prometheus::IntCounter;
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -44,17 +45,20 @@ pub struct WsSocket {
 impl WsSocket {
     /// `leftover`: bytes the HTTP layer read after the handshake request (a
     /// client may send its first frame without waiting for the 101).
+    /// `deflate`: permessage-deflate was negotiated (compressed frames are
+    /// counted there).
     pub fn new(
         io: TcpStream,
         leftover: &[u8],
         max_frame_bytes: usize,
         outbound_queue: usize,
+        deflate: Option<IntCounter>,
     ) -> Self {
         let io = Arc::new(io);
         Self {
-            outbox: Arc::new(Outbox::new(io.clone(), outbound_queue)),
+            reader: FrameReader::new(max_frame_bytes, leftover).with_deflate(deflate.is_some()),
+            outbox: Arc::new(Outbox::new(io.clone(), outbound_queue, deflate)),
             io,
-            reader: FrameReader::new(max_frame_bytes, leftover),
         }
     }
 
@@ -248,7 +252,7 @@ mod tests {
     #[tokio::test]
     async fn frames_queued_together_leave_together_and_no_buffer_stays() {
         let (server, mut client) = pair().await;
-        let socket = WsSocket::new(server, &[], 1024, 8);
+        let socket = WsSocket::new(server, &[], 1024, 8, None);
         assert!(socket.push_text("one"));
         assert!(socket.push_text("two"));
         socket.push_control(OpCode::Ping, b"");
@@ -272,7 +276,7 @@ mod tests {
         let (server, _client) = pair().await;
         let mut leftover = masked_text("early");
         leftover.extend(&masked_text("late")[..3]); // and part of the next frame
-        let mut socket = WsSocket::new(server, &leftover, 1024, 8);
+        let mut socket = WsSocket::new(server, &leftover, 1024, 8, None);
         match socket.next_frame().unwrap() {
             Some(Inbound::Text(text)) => assert_eq!(text, "early"),
             other => panic!("{other:?}"),
@@ -284,7 +288,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_refuses_frames_and_a_frame_over_the_limit_is_an_overflow() {
         let (server, _client) = pair().await;
-        let mut socket = WsSocket::new(server, &masked_text(&"x".repeat(100)), 50, 2);
+        let mut socket = WsSocket::new(server, &masked_text(&"x".repeat(100)), 50, 2, None);
         assert!(socket.push_text("a") && socket.push_text("b"));
         assert!(!socket.push_text("c"), "two frames queued, none sent");
         assert_eq!(
@@ -300,7 +304,7 @@ mod tests {
     #[tokio::test]
     async fn offered_frames_go_straight_out_or_after_what_waits() {
         let (server, mut client) = pair().await;
-        let socket = WsSocket::new(server, &[], 1024, 8);
+        let socket = WsSocket::new(server, &[], 1024, 8, None);
         assert!(socket.push_text("mine"));
         assert_eq!(socket.outbox.take(&WireFrames::text("room")), Taken::All);
         std::future::poll_fn(|cx| socket.poll_flush(cx))
@@ -322,7 +326,7 @@ mod tests {
     #[tokio::test]
     async fn what_the_socket_cannot_take_at_once_waits_and_the_session_sends_it() {
         let (server, mut client) = pair().await;
-        let socket = WsSocket::new(server, &[], 8 << 20, 8);
+        let socket = WsSocket::new(server, &[], 8 << 20, 8, None);
         // Registers the session's task.
         std::future::poll_fn(|cx| socket.poll_flush(cx))
             .await

@@ -306,13 +306,28 @@ pub async fn serve_upgrade(
                             return respond_and_close(framed, refusal.response().into()).await;
                         }
                     }
+                    // Negotiated here, before the 101: the answer carries it.
+                    let deflate = state.settings.websocket.compression
+                        && super::deflate::accepts(head.headers());
+                    if deflate {
+                        switching.insert_header((
+                            header::SEC_WEBSOCKET_EXTENSIONS,
+                            super::deflate::RESPONSE,
+                        ));
+                    }
                     let (response, _) = switching.finish().into_parts();
                     let item = h1::Message::Item((response, BodySize::None));
                     if framed.send(item).await.is_err() {
                         return;
                     }
                     let parts = framed.into_parts();
-                    start_session(state.into_inner(), admission, parts.io, &parts.read_buf);
+                    start_session(
+                        state.into_inner(),
+                        admission,
+                        parts.io,
+                        &parts.read_buf,
+                        deflate,
+                    );
                     return;
                 }
             },
@@ -348,12 +363,28 @@ fn well_formed(head: &RequestHead, state: &AppState) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn start_session(state: Arc<AppState>, admission: Admission, io: TcpStream, leftover: &[u8]) {
+fn start_session(
+    state: Arc<AppState>,
+    admission: Admission,
+    io: TcpStream,
+    leftover: &[u8],
+    deflate: bool,
+) {
     // Frames are coalesced by the session itself; the kernel must not hold
     // them back waiting for acknowledgements.
     let _ = io.set_nodelay(true);
     let limits = &state.settings.limits;
-    let socket = WsSocket::new(io, leftover, limits.max_frame_bytes, limits.outbound_queue);
+    let compressed = deflate.then(|| {
+        state.metrics.compressed_connections.inc();
+        state.metrics.messages_delivered_compressed.clone()
+    });
+    let socket = WsSocket::new(
+        io,
+        leftover,
+        limits.max_frame_bytes,
+        limits.outbound_queue,
+        compressed,
+    );
     let guard = state.socket_opened();
     WsSession::new(state, admission, socket, guard).start();
 }

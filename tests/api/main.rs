@@ -8,6 +8,7 @@ mod cluster_migrate;
 mod cluster_presence;
 mod cluster_shape;
 mod codec_props;
+mod compression;
 mod config;
 mod docs;
 mod helpers;

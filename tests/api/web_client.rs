@@ -368,6 +368,20 @@ async fn two_pages_chat_see_presence_and_typing_render_text_and_survive_a_restar
         bob.wait_connected().await;
         bob.wait_text("lobby", "welcome to the lobby").await;
         assert_eq!(bob.offsets("lobby").await, vec![first]);
+        // Chromium offers permessage-deflate by itself: both pages negotiated
+        // it, and the message they just rendered came compressed.
+        let metrics = app.metrics().await;
+        let counter = |name: &str| -> u64 {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        assert!(
+            counter("roomhub_compressed_connections_total") >= 2,
+            "{metrics}"
+        );
+        assert!(counter("roomhub_messages_delivered_compressed_total") >= 1);
 
         // Presence: each sees both (alice learns of bob from user_joined).
         alice.wait_present("bob").await;
