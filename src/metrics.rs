@@ -35,6 +35,7 @@ pub struct Metrics {
     pub cluster_read_records: IntCounter,
     /// Appends that lost the race to another node's record and were retried.
     pub cluster_append_conflicts: IntCounter,
+    pub cluster_presence_waits_cut: IntCounter,
     /// Events waiting for `hooks.events_url`.
     pub hook_events_queued: IntGauge,
     pub hook_events_dropped: IntCounter,
@@ -188,6 +189,10 @@ impl Metrics {
             cluster_append_conflicts: counter(
                 "roomhub_cluster_append_conflicts_total",
                 "appends to a room log that another node's record beat, then retried",
+            ),
+            cluster_presence_waits_cut: counter(
+                "roomhub_cluster_presence_waits_cut_total",
+                "rooms that answered their first joins before every live node said who is there (a node did not answer within 500 ms)",
             ),
             rejected_upgrades,
             errors,

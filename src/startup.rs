@@ -70,6 +70,8 @@ impl Application {
                     .map(|state| crate::http::node_report(&state))
                     .unwrap_or_default()
             }));
+            let registry = state.registry.clone();
+            cluster.set_serving(Box::new(move |room| registry.is_running(room)));
             actix_web::rt::spawn(crate::cluster::relay_directs(
                 cluster,
                 state.directory.clone(),

@@ -163,6 +163,7 @@ impl Cluster {
                 epoch,
                 first: messages[start].offset,
                 batch: Cow::Borrowed("migrated"),
+                after: Some(expected),
                 messages: records,
             };
             let payload = serde_json::to_vec(&batch)

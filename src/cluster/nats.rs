@@ -109,11 +109,16 @@ pub struct Cluster {
     nodes: Arc<Nodes>,
     /// This node's counts, as it answers `?scope=cluster` queries.
     reporter: std::sync::OnceLock<Reporter>,
+    /// Whether a room runs on this node, as it answers `nodes.serving`.
+    serving: std::sync::OnceLock<Serving>,
     heartbeat_timeout: Duration,
 }
 
 /// This node's counts for a cluster-wide answer (`/api/stats`, `/api/rooms`).
 pub type Reporter = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// Whether the room (by name) runs on this node.
+pub type Serving = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl Cluster {
     /// Starts the link. It does not wait for NATS: a node may start while
@@ -190,6 +195,7 @@ impl Cluster {
             link_generation,
             nodes: Arc::new(Nodes::default()),
             reporter: std::sync::OnceLock::new(),
+            serving: std::sync::OnceLock::new(),
             heartbeat_timeout: Duration::from_millis(settings.heartbeat.timeout_ms),
         });
         tokio::spawn(migrate_when_linked(Arc::downgrade(&cluster)));
@@ -324,6 +330,45 @@ impl Cluster {
     /// This node's own counts (`null` before `set_reporter`).
     pub fn report(&self) -> serde_json::Value {
         self.reporter.get().map(|r| r()).unwrap_or_default()
+    }
+
+    /// Sets how this node tells whether it serves a room (`nodes.serving`).
+    pub fn set_serving(&self, serving: Serving) {
+        let _ = self.serving.set(serving);
+    }
+
+    /// Answers another node's "who serves this room?" with "nobody here"
+    /// when the room does not run on this node (when it does, the room
+    /// answers with its presence on the room's events subject).
+    pub(super) fn answer_serving(&self, ask: async_nats::Message) {
+        let (Some(reply), Some(serving)) = (ask.reply, self.serving.get()) else {
+            return;
+        };
+        let Ok(room) = std::str::from_utf8(&ask.payload) else {
+            return;
+        };
+        if !serving(room) {
+            self.publish_core(
+                reply.to_string(),
+                &serde_json::json!({ "node": self.node_id }),
+            );
+        }
+    }
+
+    /// Asks every node whether it serves `room`; the nodes that do not
+    /// answer on the returned subscription (`{"node": …}`).
+    pub async fn ask_serving(&self, room: &RoomName) -> Option<async_nats::Subscriber> {
+        let inbox = self.client.new_inbox();
+        let answers = self.client.subscribe(inbox.clone()).await.ok()?;
+        self.client
+            .publish_with_reply(
+                self.subjects.nodes_serving(),
+                inbox,
+                room.as_str().to_owned().into_bytes().into(),
+            )
+            .await
+            .ok()?;
+        Some(answers)
     }
 
     pub(super) fn answer_query(&self, query: async_nats::Message) {

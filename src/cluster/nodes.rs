@@ -92,6 +92,17 @@ pub(super) async fn run(cluster: Weak<Cluster>, every: Duration) {
         drop(link);
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
+    let mut serving_asks = loop {
+        let Some(link) = cluster.upgrade() else {
+            return;
+        };
+        match link.subscribe(link.subjects().nodes_serving()).await {
+            Ok(subscriber) => break subscriber,
+            Err(error) => tracing::warn!(%error, "room serving asks: retrying"),
+        }
+        drop(link);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -99,6 +110,11 @@ pub(super) async fn run(cluster: Weak<Cluster>, every: Duration) {
             _ = tick.tick() => {
                 let Some(link) = cluster.upgrade() else { return };
                 link.send_node_record("alive");
+            }
+            ask = serving_asks.next() => {
+                let Some(ask) = ask else { return };
+                let Some(link) = cluster.upgrade() else { return };
+                link.answer_serving(ask);
             }
             query = queries.next() => {
                 let Some(query) = query else { return };

@@ -32,6 +32,17 @@ pub struct LogBatch<'a> {
     /// its batch when it finds it in the log.
     #[serde(rename = "b")]
     pub batch: Cow<'a, str>,
+    /// The stream sequence of the room's record this one was appended
+    /// after (the expected last subject sequence). A record is part of the
+    /// room's log only if it directly follows that record on its subject:
+    /// JetStream checks this when it stores the record, but not always
+    /// (replicated streams of nats-server before 2.9.21 accept concurrent
+    /// appends with the same expectation, nats-io/nats-server#4320, and the
+    /// check is leader-local across leader changes), so every node checks
+    /// it again, the same way, when it applies the log. Absent in records
+    /// written before this check (taken as they are).
+    #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
     #[serde(rename = "m", borrow)]
     pub messages: Vec<LogRecord<'a>>,
 }
@@ -189,11 +200,17 @@ mod tests {
             epoch: 9,
             first: 4,
             batch: "n1-1".into(),
+            after: Some(17),
             messages: vec![record("a", Some("k\"1")), record("b", None)],
         };
         let bytes = serde_json::to_vec(&batch).unwrap();
         let back = LogBatch::decode(&bytes).unwrap();
         assert_eq!((back.epoch, back.first, back.last()), (9, 4, 5));
+        assert_eq!(back.after, Some(17));
+        let legacy = LogBatch::decode(
+            br#"{"e":1,"o":1,"b":"x","m":[{"id":"a","user":"u","data":1,"ts":1}]}"#,
+        );
+        assert_eq!(legacy.unwrap().after, None);
         let offsets: Vec<_> = back.offsets().map(|(o, r)| (o, r.id)).collect();
         assert_eq!(offsets, [(4, "a"), (5, "b")]);
         assert_eq!(back.messages[0].key.as_deref(), Some("k\"1"));

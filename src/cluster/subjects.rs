@@ -116,6 +116,14 @@ impl Subjects {
         format!("{}.nodes.query", self.prefix)
     }
 
+    /// Core NATS: "who serves this room?" (payload: the room's name), asked
+    /// by a room that starts being served; a node not serving it answers
+    /// at once that nobody is there (a node serving it answers on the
+    /// room's events subject with its presence).
+    pub fn nodes_serving(&self) -> String {
+        format!("{}.nodes.serving", self.prefix)
+    }
+
     /// Core NATS: direct messages, seen by every node.
     pub fn direct(&self) -> String {
         format!("{}.direct", self.prefix)

@@ -108,6 +108,11 @@ impl RoomRegistry {
         }
     }
 
+    /// Whether the room runs on this node.
+    pub fn is_running(&self, room: &str) -> bool {
+        RoomName::parse(room).is_ok_and(|room| self.rooms.lock().contains_key(&room))
+    }
+
     pub fn context(&self) -> &Arc<RoomContext> {
         &self.context
     }

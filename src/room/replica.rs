@@ -108,6 +108,9 @@ pub(super) async fn catch_up(
         snapshot.epoch = None;
     }
     let mut caught_up = Vec::new();
+    // Replicated streams may hold records stored out of turn (see
+    // `LogBatch::after`): each is checked against the log before use.
+    let check = context.settings.cluster.replicas > 1;
     let head = match cluster.last_record(&log).await? {
         None => {
             // Nothing retained: a new room, one whose history expired, or
@@ -120,17 +123,24 @@ pub(super) async fn catch_up(
         }
         Some(newest) => {
             let mut read = None;
-            let found = match LogBatch::decode(&newest.payload) {
-                Ok(batch) => Some((batch.epoch, batch.last())),
-                Err(_) => {
+            let decoded = LogBatch::decode(&newest.payload).ok();
+            let in_log = match &decoded {
+                Some(batch) => !check || in_turn(&cluster, &log, &newest, batch.after).await?,
+                None => false,
+            };
+            let found = match decoded {
+                Some(batch) if in_log => Some((batch.epoch, batch.last())),
+                _ => {
                     // Not roomhub's (something else wrote on the room's
-                    // subject): the newest of ours is somewhere before it.
+                    // subject), or stored out of turn: the newest record of
+                    // the log is somewhere before it.
                     let records = read_missing(&cluster, &log, 0, &newest).await?;
-                    let newest_ours = records.iter().rev().find_map(|r| {
-                        LogBatch::decode(&r.payload)
-                            .ok()
-                            .map(|b| (b.epoch, b.last()))
-                    });
+                    let first_in_log = first_in_turn(&cluster, &log, &records, check).await?;
+                    let newest_ours = in_log_order(&records, first_in_log)
+                        .filter_map(|(r, in_log)| in_log.then_some(r))
+                        .filter_map(|r| LogBatch::decode(&r.payload).ok())
+                        .map(|b| (b.epoch, b.last()))
+                        .last();
                     read = Some(records);
                     newest_ours
                 }
@@ -152,8 +162,11 @@ pub(super) async fn catch_up(
                                 read_missing(&cluster, &log, snapshot.last_offset, &newest).await?
                             }
                         };
-                        for record in records {
-                            take_record(&room, &record, &mut snapshot, &mut caught_up, &mut ops);
+                        let first_in_log = first_in_turn(&cluster, &log, &records, check).await?;
+                        for (record, in_log) in in_log_order(&records, first_in_log) {
+                            if in_log {
+                                take_record(&room, record, &mut snapshot, &mut caught_up, &mut ops);
+                            }
                         }
                     }
                 }
@@ -200,6 +213,63 @@ pub(super) async fn catch_up(
         incarnation,
         live,
         events,
+    })
+}
+
+/// Whether `record`, appended after stream sequence `after`, directly
+/// follows that record on the room's subject (it does if nothing of the
+/// room's was stored between them).
+async fn in_turn(
+    cluster: &Cluster,
+    log: &RoomLog,
+    record: &StoredRecord,
+    after: Option<u64>,
+) -> Result<bool, RoomError> {
+    let Some(after) = after else {
+        return Ok(true);
+    };
+    if after >= record.seq {
+        return Ok(false);
+    }
+    let next = cluster.record_after(log, after).await?;
+    Ok(next.is_none_or(|next| next.seq >= record.seq))
+}
+
+/// Whether the first of `records` (read in order) is part of the log.
+async fn first_in_turn(
+    cluster: &Cluster,
+    log: &RoomLog,
+    records: &[StoredRecord],
+    check: bool,
+) -> Result<bool, RoomError> {
+    let Some(first) = records.first() else {
+        return Ok(true);
+    };
+    if !check {
+        return Ok(true);
+    }
+    let after = LogBatch::decode(&first.payload).ok().and_then(|b| b.after);
+    in_turn(cluster, log, first, after).await
+}
+
+/// Each of `records` (consecutive records of the room's subject, oldest
+/// first) with whether it is part of the log: the first as `first_in_log`
+/// says, each later one if it was appended after a record no older than the
+/// one before it (an older one: it was stored out of turn; a newer one:
+/// records between expired).
+fn in_log_order(
+    records: &[StoredRecord],
+    first_in_log: bool,
+) -> impl Iterator<Item = (&StoredRecord, bool)> {
+    records.iter().enumerate().map(move |(i, record)| {
+        let in_log = match i.checked_sub(1) {
+            None => first_in_log,
+            Some(before) => LogBatch::decode(&record.payload)
+                .ok()
+                .and_then(|b| b.after)
+                .is_none_or(|after| after >= records[before].seq),
+        };
+        (record, in_log)
     })
 }
 

@@ -212,4 +212,18 @@ async fn joined_right_after_a_join_on_another_node_lists_both() {
         }
     }
     assert_eq!(failures, 0);
+    // Every room's ask was answered by every live node (the one not serving
+    // it said "nobody here"): no first join waited out the 500 ms bound.
+    for node in [&a, &b] {
+        let metrics = node.metrics().await;
+        assert!(
+            metrics.contains("roomhub_cluster_presence_waits_cut_total 0"),
+            "{}",
+            metrics
+                .lines()
+                .filter(|l| l.contains("presence_waits"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
 }

@@ -778,14 +778,32 @@ async fn in_cluster_mode_a_user_joining_or_leaving_is_reported_once_by_its_node(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_cluster_mode_a_room_occupied_and_vacated_is_reported_once_for_the_cluster() {
-    let (backend, _nats, a, b) = two_nodes("session_connected,room_occupied,room_vacated").await;
+    let (backend, nats, a, b) = two_nodes("session_connected,room_occupied,room_vacated").await;
     // Both nodes serve the room (a read starts and syncs it) before anyone joins.
     for node in [&a, &b] {
         let (status, _) = node.get_json("/api/rooms/occ/messages").await;
         assert_eq!(status, 200);
     }
+    // The room's presence announcements, as node b hears them.
+    let subject = roomhub::cluster::Subjects::new("roomhub", 8)
+        .events(&roomhub::protocol::RoomName::parse("occ").unwrap());
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let mut announced = client.subscribe(subject).await.expect("subscribe");
+    client.flush().await.expect("flush");
     let mut x = a.connect("user=x").await;
     x.join("occ").await;
+    // Joins one after the other: y joins once x's presence went out (two
+    // first joins within one NATS round trip would both see an empty room).
+    tokio::time::timeout(WAIT, async {
+        use futures_util::StreamExt;
+        while let Some(event) = announced.next().await {
+            if String::from_utf8_lossy(&event.payload).contains("\"x\"") {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("x's presence announced");
     let mut y = b.connect("user=y").await;
     y.join("occ").await;
     assert_eq!(x.next_of("user_joined").await["user"], "y");

@@ -12,6 +12,14 @@
 //! sent again, unchanged (JetStream stores at most one of the copies). So
 //! `unavailable` only ever means "not committed", except after
 //! [`APPEND_LIMIT`] without an answer, which says the outcome is unknown.
+//!
+//! With replicated streams JetStream's check of the expected sequence is
+//! not reliable (see `LogBatch::after`): two nodes' batches appended after
+//! the same record may both be stored. Every node then applies only the
+//! first (the other does not follow the record it names), so a node whose
+//! batch was stored must not apply it straight from the ack: it reads its
+//! log in order up to that record, and if its batch lost, the publishes go
+//! back to the front of the queue, in order, for the next batch.
 
 use super::*;
 use crate::cluster::{AppendError, LogBatch};
@@ -27,6 +35,8 @@ const MAX_BATCH_BYTES: usize = 256 * 1024;
 const MAX_QUEUED: usize = 8192;
 /// How long a batch may take to be committed, attempts included.
 const APPEND_LIMIT: Duration = Duration::from_secs(8);
+/// How soon a batch stored but not yet readable is looked for again.
+const REREAD_AFTER: Duration = Duration::from_millis(20);
 
 /// A publish waiting for its batch.
 pub(super) struct Queued {
@@ -44,7 +54,7 @@ struct Entry {
 }
 
 /// The batch sent and not yet resolved.
-struct InFlight {
+pub(super) struct InFlight {
     id: String,
     /// The stream sequence it was appended after.
     expected: u64,
@@ -55,6 +65,9 @@ struct InFlight {
     sending: bool,
     /// An attempt got no answer: it may have been stored.
     maybe_stored: bool,
+    /// JetStream stored it at this sequence; whether it is part of the log
+    /// is known once the log is read up to it (replicated streams).
+    stored_at: Option<u64>,
 }
 
 #[derive(Default)]
@@ -184,6 +197,7 @@ impl RoomActor {
             epoch: log.epoch,
             first,
             batch: Cow::Borrowed(&id),
+            after: Some(self.feed.head),
             messages,
         };
         let payload = match serde_json::to_vec(&batch) {
@@ -207,6 +221,7 @@ impl RoomActor {
             started: Instant::now(),
             sending: false,
             maybe_stored: false,
+            stored_at: None,
         });
         self.send_in_flight(ctx);
     }
@@ -230,14 +245,22 @@ impl RoomActor {
     }
 
     fn appended(&mut self, ctx: &mut Context<Self>, result: Result<u64, AppendError>) {
+        let replicated = self.settings().cluster.replicas > 1;
         let Some(in_flight) = self.outbox.in_flight.as_mut() else {
             // Settled already: its record was heard live or read.
             return self.pump(ctx);
         };
         in_flight.sending = false;
         match result {
+            Ok(seq) if replicated => {
+                // Maybe not alone after `expected`: read the log up to it.
+                in_flight.stored_at = Some(seq);
+                self.read_log(ctx);
+            }
             Ok(seq) => {
-                // Stored right after `expected`, the newest record applied.
+                // Stored right after `expected`, the newest record applied
+                // (one replica: JetStream checks the expectation under the
+                // stream's lock).
                 let record = crate::cluster::StoredRecord {
                     seq,
                     payload: in_flight.payload.clone(),
@@ -276,6 +299,21 @@ impl RoomActor {
             if in_flight.sending {
                 return;
             }
+            if in_flight.stored_at.is_some() {
+                // Stored, but not yet readable here (a replica that answers
+                // direct gets may lag its leader by a moment): read again.
+                if in_flight.started.elapsed() < APPEND_LIMIT {
+                    ctx.run_later(REREAD_AFTER, |act, ctx| act.read_log(ctx));
+                    return;
+                }
+                if let Some(in_flight) = self.outbox.in_flight.take() {
+                    let error = ClusterError::OutcomeUnknown(
+                        "stored, but not found in the cluster log in time".into(),
+                    );
+                    self.refuse(in_flight, error);
+                }
+                return self.pump(ctx);
+            }
             if in_flight.expected != head {
                 // Another record came first: this batch was not stored.
                 if let Some(in_flight) = self.outbox.in_flight.take() {
@@ -308,7 +346,7 @@ impl RoomActor {
             .is_some_and(|f| !f.sending && f.started.elapsed() >= APPEND_LIMIT);
         if late {
             if let Some(in_flight) = self.outbox.in_flight.take() {
-                let error = if in_flight.maybe_stored {
+                let error = if in_flight.maybe_stored || in_flight.stored_at.is_some() {
                     ClusterError::OutcomeUnknown("no answer from the cluster log".into())
                 } else {
                     ClusterError::LinkDown
@@ -318,13 +356,28 @@ impl RoomActor {
         }
     }
 
-    /// The replies of the in-flight batch `id`, now found in the log.
-    pub(super) fn take_replies(&mut self, id: &str) -> Replies {
-        let mut replies = Replies::new();
+    /// The in-flight batch if it is `id`, now found in the log.
+    pub(super) fn take_in_flight(&mut self, id: &str) -> Option<InFlight> {
         if self.outbox.in_flight.as_ref().is_none_or(|f| f.id != id) {
-            return replies;
+            return None;
         }
-        let Some(in_flight) = self.outbox.in_flight.take() else {
+        self.outbox.in_flight.take()
+    }
+
+    /// The batch was stored but is not part of the log (it did not follow
+    /// the record it was appended after): its publishes go first into the
+    /// next batch, in their order; their clients only see a later ack.
+    pub(super) fn requeue(&mut self, in_flight: InFlight) {
+        self.context.metrics.cluster_append_conflicts.inc();
+        for entry in in_flight.entries.into_iter().rev() {
+            self.outbox.queued.push_front(entry.publish);
+        }
+    }
+
+    /// The replies of a batch found in the log, by offset.
+    pub(super) fn replies_of(in_flight: Option<InFlight>) -> Replies {
+        let mut replies = Replies::new();
+        let Some(in_flight) = in_flight else {
             return replies;
         };
         for entry in in_flight.entries {

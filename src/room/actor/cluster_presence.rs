@@ -110,11 +110,9 @@ impl StreamHandler<async_nats::Message> for RoomActor {
                 }
                 self.update_stats();
             }
-            RoomEvent::Sync { .. } => {
-                if self.presence.local_users() > 0 {
-                    self.announce_presence();
-                }
-            }
+            // Answered even with nobody here: the asking room counts the
+            // answers and stops waiting once every live node answered.
+            RoomEvent::Sync { .. } => self.announce_presence(),
             RoomEvent::Typing { user, active, .. } => {
                 let Ok(user) = UserId::parse(&user) else {
                     return;

@@ -22,13 +22,18 @@ pub(super) enum Source {
 const PRESENCE_WAIT: Duration = Duration::from_millis(500);
 
 /// Asks the other nodes for their presence in `room` and collects the
-/// answers until every live node answered or `PRESENCE_WAIT` passed (nodes
-/// not serving the room, or with nobody in it, do not answer).
+/// answers until every live node answered or `PRESENCE_WAIT` passed: nodes
+/// serving the room answer with their presence, nodes starting it with
+/// their own ask (nobody there yet), the others with "nobody here" to the
+/// node-level ask (`nodes.serving`). So the wait is one round trip, and
+/// `PRESENCE_WAIT` only bounds it when a node does not answer.
 async fn ask_presence(
     cluster: &crate::cluster::Cluster,
     room: &RoomName,
     events: &mut crate::cluster::RuntimeBound<async_nats::Subscriber>,
+    metrics: &crate::metrics::Metrics,
 ) -> Vec<(String, std::collections::BTreeMap<UserId, u32>)> {
+    use futures_util::StreamExt;
     let expected = cluster.live_nodes();
     let mut heard = std::collections::BTreeMap::new();
     if expected == 0 || !cluster.is_linked() {
@@ -40,27 +45,54 @@ async fn ask_presence(
             node: cluster.node_id().to_owned(),
         },
     );
-    let _ = tokio::time::timeout(PRESENCE_WAIT, async {
-        while let Some(message) = futures_util::StreamExt::next(events).await {
-            let Ok(RoomEvent::Presence { node, users }) =
-                serde_json::from_slice::<RoomEvent>(&message.payload)
-            else {
-                continue;
+    let mut nobody = cluster.ask_serving(room).await;
+    let mut answered = std::collections::BTreeSet::new();
+    #[derive(serde::Deserialize)]
+    struct Nobody {
+        node: String,
+    }
+    let waited = tokio::time::timeout(PRESENCE_WAIT, async {
+        while answered.len() < expected {
+            let nobody_here = async {
+                match nobody.as_mut() {
+                    Some(answers) => answers.next().await,
+                    None => std::future::pending().await,
+                }
             };
-            if node == cluster.node_id() {
-                continue;
-            }
-            let users = users
-                .into_iter()
-                .filter_map(|(user, n)| UserId::parse(&user).ok().map(|u| (u, n)))
-                .collect();
-            heard.insert(node, users);
-            if heard.len() >= expected {
-                return;
+            tokio::select! {
+                message = events.next() => {
+                    let Some(message) = message else { return };
+                    match serde_json::from_slice::<RoomEvent>(&message.payload) {
+                        Ok(RoomEvent::Presence { node, users }) if node != cluster.node_id() => {
+                            let users = users
+                                .into_iter()
+                                .filter_map(|(user, n)| UserId::parse(&user).ok().map(|u| (u, n)))
+                                .collect();
+                            heard.insert(node.clone(), users);
+                            answered.insert(node);
+                        }
+                        Ok(RoomEvent::Sync { node }) if node != cluster.node_id() => {
+                            answered.insert(node);
+                        }
+                        _ => {}
+                    }
+                }
+                answer = nobody_here => {
+                    let Some(answer) = answer else {
+                        nobody = None;
+                        continue;
+                    };
+                    if let Ok(Nobody { node }) = serde_json::from_slice(&answer.payload) {
+                        answered.insert(node);
+                    }
+                }
             }
         }
     })
     .await;
+    if waited.is_err() {
+        metrics.cluster_presence_waits_cut.inc();
+    }
     heard.into_iter().collect()
 }
 
@@ -88,10 +120,10 @@ impl RoomActor {
             self.name.clone(),
             TAIL_MAX_MESSAGES,
         );
-        let name = self.name.clone();
+        let (name, metrics) = (self.name.clone(), self.context.metrics.clone());
         let catch_up = async move {
             let mut synced = catch_up.await?;
-            let heard = ask_presence(&cluster, &name, &mut synced.events).await;
+            let heard = ask_presence(&cluster, &name, &mut synced.events, &metrics).await;
             Ok::<_, RoomError>((synced, heard))
         };
         ctx.wait(catch_up.into_actor(self).map(|result, act, ctx| {
@@ -158,6 +190,10 @@ impl RoomActor {
     /// Applies a record of the room's log: its messages after the newest
     /// applied are written, then fanned out, in log order. A record of this
     /// node's append in flight carries that append's replies.
+    ///
+    /// A record that does not directly follow the record it was appended
+    /// after is not part of the log (see `LogBatch::after`): every node
+    /// skips it alike; if it is this node's batch, its publishes go again.
     pub(super) fn apply_record(
         &mut self,
         ctx: &mut Context<Self>,
@@ -180,10 +216,27 @@ impl RoomActor {
         if batch.epoch != log.epoch {
             return self.restart_from_cluster(ctx, "the room's cluster log is in another epoch");
         }
+        match batch.after {
+            // Records this node has not seen came before it.
+            Some(after) if after > self.feed.head && source == Source::Live => {
+                return self.read_log(ctx);
+            }
+            Some(after) if after < self.feed.head => {
+                tracing::debug!(room = %self.name, seq = record.seq, after, head = self.feed.head,
+                    "skipped a cluster record stored out of turn");
+                self.feed.head = record.seq;
+                if let Some(in_flight) = self.take_in_flight(&batch.batch) {
+                    self.requeue(in_flight);
+                    self.pump(ctx);
+                }
+                return;
+            }
+            _ => {}
+        }
         if batch.first > log.last_assigned + 1 && source == Source::Live {
             return self.read_log(ctx);
         }
-        let mut replies = self.take_replies(&batch.batch);
+        let mut replies = Self::replies_of(self.take_in_flight(&batch.batch));
         let Some(log) = self.log.as_mut() else { return };
         self.feed.head = record.seq;
         let mut ops = Vec::new();
@@ -222,6 +275,14 @@ impl RoomActor {
         }
         if !ops.is_empty() {
             self.write(ctx, ops, None);
+        }
+        // Offsets of this node's batch that the log already held (records
+        // written before `after` was checked): those were not committed.
+        for (reply, repeats) in replies.into_values() {
+            for reply in reply.into_iter().chain(repeats) {
+                let error = ClusterError::Log("lost a race in the cluster log".into());
+                reply.fail(&self.context.metrics, RoomError::Unavailable(error));
+            }
         }
     }
 
