@@ -11,8 +11,9 @@ loopback, then:
   2. publishes into one hot room from all three nodes at once (`roomhub load`);
   3. restarts nats-server (same store) and times until every node is ready and
      a publish into an existing room is acked;
-  4. measures cross-node publish->deliver latency (`roomhub load`, publishers
-     on node 1, members on nodes 2 and 3).
+  4. measures cross-node publish->deliver latency (`roomhub load`, 100 rooms x
+     20 members, publishers on node 1, members on nodes 2 and 3) at each
+     --latency-rates (messages/s per room).
 Everything runs on loopback, bounded in count and time; only processes this
 script started are stopped. Prints one JSON object.
 
@@ -165,6 +166,8 @@ def main():
     ap.add_argument("--threads", type=int, default=48)
     ap.add_argument("--partitions", default=None)
     ap.add_argument("--skip-load", action="store_true")
+    ap.add_argument("--latency-rates", default="20,100",
+                    help="msg/s per room of the cross-node latency runs (100 rooms x 20 members)")
     args = ap.parse_args()
     binary = os.path.abspath(args.bin)
     load_bin = os.path.abspath(args.load_bin or args.bin)
@@ -240,10 +243,12 @@ def main():
         print(json.dumps(result["nats_restart"]), file=sys.stderr, flush=True)
         if not args.skip_load:
             ws = [b.replace("http", "ws") for _, b in nodes]
-            result["cross_node_latency"] = run_load(load_bin, [
-                "--url", f"{ws[1]},{ws[2]}", "--publish-url", ws[0], "--rooms", "100",
-                "--clients", "2000", "--publishers", "1", "--rate", "100", "--spread",
-                "--duration", "20", "--room-prefix", "latency"])
+            result["cross_node_latency"] = {}
+            for rate in args.latency_rates.split(","):
+                result["cross_node_latency"][f"{rate}_per_room"] = run_load(load_bin, [
+                    "--url", f"{ws[1]},{ws[2]}", "--publish-url", ws[0], "--rooms", "100",
+                    "--clients", "2000", "--publishers", "1", "--rate", rate, "--spread",
+                    "--duration", "20", "--room-prefix", f"latency{rate}-"])
         print(json.dumps(result))
     finally:
         for proc, _ in nodes:

@@ -112,6 +112,8 @@ pub struct Cluster {
     /// Whether a room runs on this node, as it answers `nodes.serving`.
     serving: std::sync::OnceLock<Serving>,
     heartbeat_timeout: Duration,
+    /// This process's boot id (see `NodeRecord::boot`).
+    boot: u64,
 }
 
 /// This node's counts for a cluster-wide answer (`/api/stats`, `/api/rooms`).
@@ -197,6 +199,7 @@ impl Cluster {
             reporter: std::sync::OnceLock::new(),
             serving: std::sync::OnceLock::new(),
             heartbeat_timeout: Duration::from_millis(settings.heartbeat.timeout_ms),
+            boot: rand::random::<u64>().max(1),
         });
         tokio::spawn(migrate_when_linked(Arc::downgrade(&cluster)));
         let heartbeat = &settings.heartbeat;
@@ -309,6 +312,11 @@ impl Cluster {
     /// What this node knows of `node` (heartbeats, goodbye).
     pub fn liveness(&self, node: &str) -> Liveness {
         self.nodes.liveness(node)
+    }
+
+    /// The boot id `node` last said in its heartbeat (0: never heard).
+    pub fn boot_of(&self, node: &str) -> u64 {
+        self.nodes.boot_of(node)
     }
 
     /// The other nodes heard of within `heartbeat.timeout_ms`.
@@ -426,6 +434,7 @@ impl Cluster {
         let record = NodeRecord {
             node: self.node_id.clone(),
             kind: kind.to_owned(),
+            boot: self.boot,
         };
         self.publish_core(self.subjects.nodes_alive(), &record);
     }
@@ -437,6 +446,7 @@ impl Cluster {
             if let Ok(payload) = serde_json::to_vec(&NodeRecord {
                 node: self.node_id.clone(),
                 kind: "goodbye".into(),
+                boot: self.boot,
             }) {
                 let _ = self
                     .client

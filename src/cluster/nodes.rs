@@ -16,6 +16,10 @@ pub struct NodeRecord {
     pub node: String,
     /// `alive` (heartbeat) or `goodbye` (the node stops).
     pub kind: String,
+    /// Random per process start: tells one life of a node from the next
+    /// (reports about a dead node's users carry it in their ids).
+    #[serde(default)]
+    pub boot: u64,
 }
 
 /// What this node knows of another node.
@@ -32,6 +36,7 @@ pub enum Liveness {
 #[derive(Default)]
 pub struct Nodes {
     seen: Mutex<HashMap<String, Liveness>>,
+    boots: Mutex<HashMap<String, u64>>,
 }
 
 impl Nodes {
@@ -45,6 +50,22 @@ impl Nodes {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(record.node.clone(), state);
+        if record.boot != 0 {
+            self.boots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(record.node.clone(), record.boot);
+        }
+    }
+
+    /// The boot id `node` last said (0: never heard).
+    pub fn boot_of(&self, node: &str) -> u64 {
+        self.boots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The nodes heard of since `cutoff` (this one not included).
@@ -147,12 +168,14 @@ mod tests {
         let alive = NodeRecord {
             node: "a".into(),
             kind: "alive".into(),
+            boot: 1,
         };
         nodes.heard(&alive, now);
         assert_eq!(nodes.liveness("a"), Liveness::Alive(now));
         let bye = NodeRecord {
             node: "a".into(),
             kind: "goodbye".into(),
+            boot: 1,
         };
         nodes.heard(&bye, now);
         assert_eq!(nodes.liveness("a"), Liveness::Gone);

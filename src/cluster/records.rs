@@ -112,6 +112,14 @@ pub enum RoomEvent {
     Presence {
         node: String,
         users: BTreeMap<String, u32>,
+        /// With this change the room became empty and the node reported
+        /// `room_vacated` (so the others need not).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        vacated: bool,
+        /// With this change the node's first user arrived in a room it saw
+        /// empty: it holds a `room_occupied` (settled by node id in a race).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        occupied: bool,
     },
     /// A node started serving the room: the others send their presence now.
     Sync { node: String },

@@ -80,24 +80,41 @@ impl Presence {
     #[cfg(test)]
     pub fn expire_remote(&mut self, cutoff: Instant) -> Vec<Change> {
         self.expire_remote_where(|_, seen| seen < cutoff)
+            .into_iter()
+            .flat_map(|(_, changes, _)| changes)
+            .collect()
     }
 
-    /// Forgets the nodes `gone(node, last presence heard)` says are gone.
-    pub fn expire_remote_where(&mut self, gone: impl Fn(&str, Instant) -> bool) -> Vec<Change> {
-        let stale: Vec<String> = self
+    /// Forgets the nodes `gone(node, last presence heard)` says are gone,
+    /// in the order of their names (the same on every node): each with the
+    /// changes its removal made and whether it left the room empty.
+    pub fn expire_remote_where(
+        &mut self,
+        gone: impl Fn(&str, Instant) -> bool,
+    ) -> Vec<(String, Vec<Change>, bool)> {
+        let mut stale: Vec<String> = self
             .remote
             .iter()
             .filter(|(node, n)| gone(node, n.seen))
             .map(|(node, _)| node.clone())
             .collect();
-        let mut changes = Vec::new();
+        stale.sort();
+        let mut removed = Vec::new();
         for node in stale {
             let touched: BTreeSet<UserId> = self.remote[&node].users.keys().cloned().collect();
             let before: Vec<u32> = touched.iter().map(|u| self.total(u)).collect();
+            let had_users = !self.is_empty();
             self.remote.remove(&node);
-            changes.extend(self.changes(touched, before));
+            let changes = self.changes(touched, before);
+            let emptied = had_users && self.is_empty();
+            removed.push((node, changes, emptied));
         }
-        changes
+        removed
+    }
+
+    /// Whether `node` counts any user here.
+    pub fn has_users(&self, node: &str) -> bool {
+        self.remote.get(node).is_some_and(|n| !n.users.is_empty())
     }
 
     fn changes(&self, users: BTreeSet<UserId>, before: Vec<u32>) -> Vec<Change> {

@@ -748,9 +748,13 @@ async fn in_cluster_mode_a_user_joining_or_leaving_is_reported_once_by_its_node(
     let got = backend
         .wait_for("both nodes' later events", |got| {
             let events = unique_events(got);
+            // (A room's first events may be held a moment: see README.)
             ["late-a", "late-b"]
                 .iter()
                 .all(|u| events.iter().any(|e| e["user"] == *u))
+                && events
+                    .iter()
+                    .any(|e| e["type"] == "user_joined" && e["user"] == "x")
         })
         .await;
     let mut reports = Vec::new();
@@ -840,4 +844,113 @@ async fn in_cluster_mode_a_room_occupied_and_vacated_is_reported_once_for_the_cl
             (node_a, json!("room_vacated")),
         ]
     );
+}
+
+/// First joins on two nodes at the same moment (each node sees an empty
+/// room) and last leaves at the same moment (each still sees the other's
+/// user): one `room_occupied` and one `room_vacated` for the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_cluster_mode_racing_first_joins_and_last_leaves_are_reported_once() {
+    const ROOMS: usize = 5;
+    let (backend, _nats, a, b) = two_nodes("room_occupied,room_vacated").await;
+    let mut x = a.connect("user=x").await;
+    let mut y = b.connect("user=y").await;
+    for n in 0..ROOMS {
+        let room = format!("race-{n}");
+        let (jx, jy) = tokio::join!(x.join(&room), y.join(&room));
+        assert_eq!(
+            (&jx["type"], &jy["type"]),
+            (&json!("joined"), &json!("joined"))
+        );
+    }
+    for n in 0..ROOMS {
+        let room = format!("race-{n}");
+        let leave = |room: &str| json!({"type": "leave", "room": room});
+        tokio::join!(x.request(leave(&room)), y.request(leave(&room)));
+    }
+    let got = backend
+        .wait_for("every room occupied and vacated", |got| {
+            let events = unique_events(got);
+            (0..ROOMS).all(|n| {
+                let room = format!("race-{n}");
+                events
+                    .iter()
+                    .any(|e| e["type"] == "room_vacated" && e["room"] == room.as_str())
+            })
+        })
+        .await;
+    // Anything else would come within the race window: wait it out.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let events = unique_events(&backend.got());
+    for n in 0..ROOMS {
+        let room = format!("race-{n}");
+        let of = |kind: &str| {
+            events
+                .iter()
+                .filter(|e| e["type"] == kind && e["room"] == room.as_str())
+                .count()
+        };
+        assert_eq!(
+            (of("room_occupied"), of("room_vacated")),
+            (1, 1),
+            "{room}: {got:?}"
+        );
+    }
+}
+
+/// A node dies with a user in a room two other nodes serve: both report
+/// the user's departure (nobody else can), with the same id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_cluster_mode_a_dead_nodes_user_left_carries_the_same_id_from_every_node() {
+    use crate::nats::spawn_node;
+    let (backend, nats, a, b) = two_nodes("user_left,room_vacated").await;
+    let url = backend.url("/events");
+    let env = [
+        ("ROOMHUB_HOOKS__SECRET", SECRET),
+        ("ROOMHUB_HOOKS__EVENTS_URL", url.as_str()),
+        ("ROOMHUB_HOOKS__EVENTS", "user_left,room_vacated"),
+    ];
+    let mut c = spawn_node(&nats, None, &env).await;
+    let mut x = a.connect("user=x").await;
+    let mut y = b.connect("user=y").await;
+    let mut z = c.connect("user=z").await;
+    x.join("crash").await;
+    y.join("crash").await;
+    z.join("crash").await;
+    for watcher in [&mut x, &mut y] {
+        while watcher.next_of("user_joined").await["user"] != "z" {}
+    }
+    c.kill9();
+    let got = backend
+        .wait_for("z's departure from both nodes", |got| {
+            let nodes: std::collections::BTreeSet<String> = got
+                .iter()
+                .filter(|g| {
+                    g.body["events"]
+                        .as_array()
+                        .is_some_and(|es| es.iter().any(|e| e["user"] == "z"))
+                })
+                .map(|g| g.body["node"].to_string())
+                .collect();
+            nodes.len() == 2
+        })
+        .await;
+    let left: Vec<&Value> = got
+        .iter()
+        .flat_map(|g| g.body["events"].as_array().unwrap())
+        .filter(|e| e["type"] == "user_left" && e["user"] == "z")
+        .collect();
+    assert!(left.len() >= 2, "{left:?}");
+    assert!(left.iter().all(|e| e["id"] == left[0]["id"]), "{left:?}");
+    assert_eq!(
+        unique_events(&got)
+            .iter()
+            .filter(|e| e["user"] == "z")
+            .count(),
+        1
+    );
+    // The room still has x and y: nobody reports it vacated.
+    assert!(!unique_events(&got)
+        .iter()
+        .any(|e| e["type"] == "room_vacated"));
 }

@@ -3,8 +3,6 @@
 
 use super::*;
 use crate::cluster::Liveness;
-use crate::hooks::events::EventKind;
-use serde_json::json;
 
 impl RoomActor {
     /// Cluster mode: tells the other nodes who is here on this node.
@@ -20,6 +18,8 @@ impl RoomActor {
             &RoomEvent::Presence {
                 node: cluster.node_id().to_owned(),
                 users: self.presence.local_counts(),
+                vacated: std::mem::take(&mut self.reports.vacated_to_announce),
+                occupied: std::mem::take(&mut self.reports.occupied_to_announce),
             },
         );
     }
@@ -65,22 +65,18 @@ impl RoomActor {
         let Some(cutoff) = Instant::now().checked_sub(timeout) else {
             return;
         };
-        let changes =
-            self.presence
-                .expire_remote_where(|node, seen| match cluster.liveness(node) {
-                    Liveness::Gone => true,
-                    Liveness::Alive(heard) => heard < cutoff && seen < cutoff,
-                    Liveness::Unknown => seen < cutoff,
-                });
-        if !changes.is_empty() {
+        let gone = self
+            .presence
+            .expire_remote_where(|node, seen| match cluster.liveness(node) {
+                Liveness::Gone => true,
+                Liveness::Alive(heard) => heard < cutoff && seen < cutoff,
+                Liveness::Unknown => seen < cutoff,
+            });
+        if !gone.is_empty() {
             // The silent node cannot report its users' departures; every
-            // node that sees them does.
-            for change in changes {
-                self.report(&change);
-                self.tell_members(change);
-            }
-            if self.presence.is_empty() {
-                self.emit(EventKind::RoomVacated, || json!({}));
+            // node that sees them does, with the same ids.
+            for (node, changes, emptied) in gone {
+                self.node_died(&node, changes, emptied);
             }
             self.update_stats();
         }
@@ -100,14 +96,22 @@ impl StreamHandler<async_nats::Message> for RoomActor {
             return;
         }
         match event {
-            RoomEvent::Presence { node, users } => {
+            RoomEvent::Presence {
+                node,
+                users,
+                vacated,
+                occupied,
+            } => {
                 let users = users
                     .into_iter()
                     .filter_map(|(user, n)| UserId::parse(&user).ok().map(|u| (u, n)))
                     .collect();
+                let (had_users, was_empty) =
+                    (self.presence.has_users(&node), self.presence.is_empty());
                 for change in self.presence.set_remote(&node, users, Instant::now()) {
                     self.tell_members(change);
                 }
+                self.heard_presence(&node, had_users, was_empty, vacated, occupied);
                 self.update_stats();
             }
             // Answered even with nobody here: the asking room counts the

@@ -63,7 +63,7 @@ async fn ask_presence(
                 message = events.next() => {
                     let Some(message) = message else { return };
                     match serde_json::from_slice::<RoomEvent>(&message.payload) {
-                        Ok(RoomEvent::Presence { node, users }) if node != cluster.node_id() => {
+                        Ok(RoomEvent::Presence { node, users, .. }) if node != cluster.node_id() => {
                             let users = users
                                 .into_iter()
                                 .filter_map(|(user, n)| UserId::parse(&user).ok().map(|u| (u, n)))

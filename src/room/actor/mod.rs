@@ -37,6 +37,7 @@ use crate::protocol::{
 use crate::storage::{new_epoch, RoomSnapshot, StoreError, Take, WriteBatch, WriteOp};
 use actix::prelude::*;
 use serde_json::json;
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -46,6 +47,7 @@ mod cluster_append;
 mod cluster_feed;
 mod cluster_presence;
 mod cluster_replica;
+mod cluster_reports;
 mod fanout;
 mod log_state;
 mod publish;
@@ -111,6 +113,8 @@ pub struct RoomActor {
     /// Cluster mode: the link generation presence was last exchanged under
     /// (a newer one: presence updates may have been lost, so ask again).
     presence_generation: u64,
+    /// Cluster mode: hook reports held or settled against other nodes'.
+    reports: cluster_reports::Reports,
 }
 
 impl RoomActor {
@@ -141,6 +145,7 @@ impl RoomActor {
             feed: Feed::default(),
             parked_joins: Vec::new(),
             presence_generation,
+            reports: cluster_reports::Reports::default(),
         }
     }
 
@@ -161,7 +166,13 @@ impl RoomActor {
             .store(self.members.len(), Ordering::Relaxed);
     }
 
-    fn add_member(&mut self, session: SessionId, user: UserId, link: SessionLink) {
+    fn add_member(
+        &mut self,
+        ctx: &mut Context<Self>,
+        session: SessionId,
+        user: UserId,
+        link: SessionLink,
+    ) {
         if self.members.contains_key(&session) {
             return;
         }
@@ -169,7 +180,7 @@ impl RoomActor {
         // Reported by the node whose session made the change, so once for
         // the cluster (the others hear of it through presence).
         if self.presence.is_empty() {
-            self.emit(EventKind::RoomOccupied, || json!({}));
+            self.occupied(ctx);
         }
         if let Some(change) = self.presence.add_local(&user) {
             self.report(&change);
@@ -204,15 +215,6 @@ impl RoomActor {
         }
     }
 
-    /// Queues an events-hook event about this room (`room` is added).
-    pub(super) fn emit(&self, kind: EventKind, fields: impl FnOnce() -> serde_json::Value) {
-        crate::hooks::emit(self.context.events.as_ref(), kind, || {
-            let mut fields = fields();
-            fields["room"] = json!(self.name);
-            fields
-        });
-    }
-
     fn remove_member(&mut self, session: SessionId) {
         self.drop_members(vec![(session, false)]);
     }
@@ -237,6 +239,9 @@ impl RoomActor {
         if self.members.is_empty() {
             self.empty_since = Some(Instant::now());
         }
+        if removed && self.presence.local_users() == 0 {
+            self.reports.local_emptied_at = Some(Instant::now());
+        }
         self.update_stats();
         for change in gone {
             self.report(&change);
@@ -245,7 +250,9 @@ impl RoomActor {
         // After `user_left`: the room's last user leaves, then it is empty
         // (on every node, as far as this one knows).
         if removed && self.presence.is_empty() {
+            self.release_held();
             self.emit(EventKind::RoomVacated, || json!({}));
+            self.reports.vacated_to_announce = true;
         }
         if removed {
             self.announce_presence();

@@ -134,7 +134,7 @@ impl RoomActor {
             reference,
             ..
         } = msg;
-        ctx.wait(history.into_actor(self).map(move |history, act, _| {
+        ctx.wait(history.into_actor(self).map(move |history, act, ctx| {
             let history = match history {
                 Ok(history) => history,
                 Err(e) => {
@@ -146,7 +146,7 @@ impl RoomActor {
             // and `joined` is its first frame from the room: several joins
             // answered in one turn (parked ones) each get theirs before any
             // `user_joined` of the next.
-            act.add_member(session, user, link.clone());
+            act.add_member(ctx, session, user, link.clone());
             let joined = encode(&ServerFrame::Joined {
                 reference: reference.as_deref(),
                 room: &act.name,
