@@ -53,6 +53,13 @@ class Backend(BaseHTTPRequestHandler):
         pass
 
 
+class BackendServer(ThreadingHTTPServer):
+    # The default listen backlog (5) drops the hub's new keep-alive
+    # connections under a burst of upgrades (SYN retries of 1 s and more).
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,6 +112,7 @@ def run_hub(binary, work, hooks_base, loads):
             s = json.loads(out.stdout.strip().splitlines()[-1])
             results[name] = {
                 "connected": s["connected"],
+                "connect_failed": s.get("connect_failed"),
                 "connects_per_s": round(s["connected"] / s["connect_secs"], 1),
                 "acked": s["acked"],
                 "errors": s["errors"],
@@ -128,15 +136,18 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     binary = os.path.abspath(args.bin)
-    backend = ThreadingHTTPServer(("127.0.0.1", free_port()), Backend)
+    backend = BackendServer(("127.0.0.1", free_port()), Backend)
     threading.Thread(target=backend.serve_forever, daemon=True).start()
     hooks_base = f"http://127.0.0.1:{backend.server_address[1]}"
     loads = {
+        # 128 upgrades at once: under the hub's 256 connect-hook calls in
+        # flight, beyond which upgrades are refused (503) by design.
         "connect": ["--clients", "2000", "--rooms", "100", "--publishers", "0",
-                    "--duration", "1", "--drain", "1", "--room-prefix", "c"],
+                    "--duration", "1", "--drain", "1", "--room-prefix", "c",
+                    "--connect-concurrency", "128"],
         "publish": ["--clients", "2000", "--rooms", "100", "--publishers", "1",
                     "--rate", args.rate, "--spread", "--duration", "20",
-                    "--room-prefix", "p"],
+                    "--room-prefix", "p", "--connect-concurrency", "128"],
     }
     work = tempfile.mkdtemp(prefix="roomhub-hooks-")
     result = {"without_hooks": [], "with_hooks": []}
