@@ -88,41 +88,37 @@ impl Nodes {
     }
 }
 
+/// A subscription to the node-level subject `subject` names, retried each
+/// second until made; `None` once the cluster link is gone.
+async fn subscribed(
+    cluster: &Weak<Cluster>,
+    subject: impl Fn(&super::Subjects) -> String,
+    what: &str,
+) -> Option<super::RuntimeBound<async_nats::Subscriber>> {
+    loop {
+        let link = cluster.upgrade()?;
+        match link.subscribe(subject(link.subjects())).await {
+            Ok(subscriber) => return Some(subscriber),
+            Err(error) => tracing::warn!(%error, "{what}: retrying"),
+        }
+        drop(link);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Says this node is alive every `every` and hears the others, for as long
 /// as the cluster link lives.
 pub(super) async fn run(cluster: Weak<Cluster>, every: Duration) {
-    let mut heard = loop {
-        let Some(link) = cluster.upgrade() else {
-            return;
-        };
-        match link.subscribe(link.subjects().nodes_alive()).await {
-            Ok(subscriber) => break subscriber,
-            Err(error) => tracing::warn!(%error, "node heartbeats: retrying"),
-        }
-        drop(link);
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    let Some(mut heard) = subscribed(&cluster, |s| s.nodes_alive(), "node heartbeats").await else {
+        return;
     };
-    let mut queries = loop {
-        let Some(link) = cluster.upgrade() else {
-            return;
-        };
-        match link.subscribe(link.subjects().nodes_query()).await {
-            Ok(subscriber) => break subscriber,
-            Err(error) => tracing::warn!(%error, "node queries: retrying"),
-        }
-        drop(link);
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    let Some(mut queries) = subscribed(&cluster, |s| s.nodes_query(), "node queries").await else {
+        return;
     };
-    let mut serving_asks = loop {
-        let Some(link) = cluster.upgrade() else {
-            return;
-        };
-        match link.subscribe(link.subjects().nodes_serving()).await {
-            Ok(subscriber) => break subscriber,
-            Err(error) => tracing::warn!(%error, "room serving asks: retrying"),
-        }
-        drop(link);
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    let Some(mut serving_asks) =
+        subscribed(&cluster, |s| s.nodes_serving(), "room serving asks").await
+    else {
+        return;
     };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -329,13 +329,3 @@ async fn a_resume_with_since_over_a_compressed_connection_gets_what_was_missed()
         .collect();
     assert_eq!(texts, (1..=4).map(long_text).collect::<Vec<_>>());
 }
-
-/// The hub's resident memory, from /proc.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
-}

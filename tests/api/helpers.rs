@@ -424,3 +424,13 @@ pub async fn message_before_ack(c: &mut TestClient, data: &Value, reference: &st
     }
     first
 }
+
+/// The hub's resident memory, from /proc.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}

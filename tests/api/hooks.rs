@@ -682,6 +682,39 @@ async fn two_nodes(events: &str) -> (Backend, crate::nats::NatsServer, TestApp, 
     (backend, nats, a, b)
 }
 
+/// Connects a late session to each node and waits until both nodes'
+/// reports of them (and what `also` asks for) arrived, so each node's
+/// earlier events are in (a node's events arrive in order); returns every
+/// other event once, with the node that sent it.
+async fn reports_after_late_sessions(
+    backend: &Backend,
+    a: &TestApp,
+    b: &TestApp,
+    also: impl Fn(&[Value]) -> bool,
+) -> Vec<(Value, Value)> {
+    let _late_a = a.connect("user=late-a").await;
+    let _late_b = b.connect("user=late-b").await;
+    let got = backend
+        .wait_for("both nodes' later events", |got| {
+            let events = unique_events(got);
+            ["late-a", "late-b"]
+                .iter()
+                .all(|u| events.iter().any(|e| e["user"] == *u))
+                && also(&events)
+        })
+        .await;
+    let mut seen_ids = std::collections::HashSet::new();
+    let mut reports = Vec::new();
+    for g in &got {
+        for e in g.body["events"].as_array().unwrap() {
+            if e["type"] != "session_connected" && seen_ids.insert(e["id"].clone()) {
+                reports.push((g.body["node"].clone(), e.clone()));
+            }
+        }
+    }
+    reports
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_cluster_mode_a_message_event_comes_once_from_the_node_that_took_it() {
     let (backend, _nats, a, b) = two_nodes("message,session_connected").await;
@@ -743,29 +776,17 @@ async fn in_cluster_mode_a_user_joining_or_leaving_is_reported_once_by_its_node(
     // ...but only the user's own node reports it. Later events on both
     // nodes close the window: each node's events arrive in order.
     let (node_a, node_b) = (x.welcome["node"].clone(), y.welcome["node"].clone());
-    let _late_a = a.connect("user=late-a").await;
-    let _late_b = b.connect("user=late-b").await;
-    let got = backend
-        .wait_for("both nodes' later events", |got| {
-            let events = unique_events(got);
-            // (A room's first events may be held a moment: see README.)
-            ["late-a", "late-b"]
+    // (A room's first events may be held a moment: see README.)
+    let reports: Vec<(Value, Value, Value)> =
+        reports_after_late_sessions(&backend, &a, &b, |events| {
+            events
                 .iter()
-                .all(|u| events.iter().any(|e| e["user"] == *u))
-                && events
-                    .iter()
-                    .any(|e| e["type"] == "user_joined" && e["user"] == "x")
+                .any(|e| e["type"] == "user_joined" && e["user"] == "x")
         })
-        .await;
-    let mut reports = Vec::new();
-    let mut seen_ids = std::collections::HashSet::new();
-    for g in &got {
-        for e in g.body["events"].as_array().unwrap() {
-            if e["type"] != "session_connected" && seen_ids.insert(e["id"].clone()) {
-                reports.push((g.body["node"].clone(), e["type"].clone(), e["user"].clone()));
-            }
-        }
-    }
+        .await
+        .into_iter()
+        .map(|(node, e)| (node, e["type"].clone(), e["user"].clone()))
+        .collect();
     // In order per node; the two nodes' batches may interleave.
     let of = |node: &Value| -> Vec<(Value, Value, Value)> {
         reports.iter().filter(|r| &r.0 == node).cloned().collect()
@@ -816,25 +837,11 @@ async fn in_cluster_mode_a_room_occupied_and_vacated_is_reported_once_for_the_cl
     assert_eq!(x.next_of("user_left").await["user"], "y");
     x.request(json!({"type": "leave", "room": "occ"})).await;
     let (node_a, node_b) = (x.welcome["node"].clone(), y.welcome["node"].clone());
-    let _late_a = a.connect("user=late-a").await;
-    let _late_b = b.connect("user=late-b").await;
-    let got = backend
-        .wait_for("both nodes' later events", |got| {
-            let events = unique_events(got);
-            ["late-a", "late-b"]
-                .iter()
-                .all(|u| events.iter().any(|e| e["user"] == *u))
-        })
-        .await;
-    let mut reports = Vec::new();
-    let mut seen_ids = std::collections::HashSet::new();
-    for g in &got {
-        for e in g.body["events"].as_array().unwrap() {
-            if e["type"] != "session_connected" && seen_ids.insert(e["id"].clone()) {
-                reports.push((g.body["node"].clone(), e["type"].clone()));
-            }
-        }
-    }
+    let reports: Vec<(Value, Value)> = reports_after_late_sessions(&backend, &a, &b, |_| true)
+        .await
+        .into_iter()
+        .map(|(node, e)| (node, e["type"].clone()))
+        .collect();
     assert_ne!(node_a, node_b);
     // Once each, from the node whose user made the room occupied / empty.
     assert_eq!(

@@ -115,16 +115,6 @@ async fn close_code(tcp: &mut TcpStream) -> Option<u16> {
     }
 }
 
-/// The hub's resident memory, from /proc.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
-}
-
 #[tokio::test]
 async fn a_frame_declaring_2_gb_is_refused_on_its_header_and_memory_stays_bounded() {
     let app = TestApp::spawn().await;
