@@ -360,6 +360,12 @@ impl Actor for RoomActor {
                 }),
         );
     }
+
+    /// Hook events held for a race (cluster mode) go out, whatever stops
+    /// the room.
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        self.release_held();
+    }
 }
 
 impl Handler<Leave> for RoomActor {
