@@ -10,7 +10,11 @@
 //!   in-memory implementations, the store's runs (which rooms move to a new
 //!   epoch after a crash or damage), store-format migrations.
 //! - [`room`]: one actor per room, the only writer of its log (split by
-//!   concern under `room/actor/`); the registry.
+//!   concern under `room/actor/`: publish, fan-out, reads, and in cluster
+//!   mode append, feed, replica, presence, and hook reports settled across
+//!   nodes); the registry.
+//! - [`hooks`]: the backend hooks: connect authorizer, publish approval,
+//!   signed event batches (one queue per node, at least once, in order).
 //! - [`cluster`]: cluster mode over NATS: a fixed set of JetStream partition
 //!   streams holds the room logs, one subject per room (offsets = subject
 //!   sequences, optimistic appends, direct-get catch-up, a republished live
@@ -27,6 +31,8 @@
 //!   negotiates permessage-deflate, the frame reader inflates under the limit.
 //! - [`http`]: the route table: `/ws`, health, metrics, the HTTP API, the web client.
 //! - [`expectation`]: the `Expect` header: 417 for what actix-http does not meet.
+//! - [`auth`], [`limits`]: who a client is (JWT, API key), and the governor
+//!   rate limits and per-IP bounds; [`state`]: what the handlers share.
 //! - [`metrics`], [`telemetry`]: Prometheus counters, tracing setup.
 //! - [`heap`]: gives freed heap back to the OS after a burst of rooms or
 //!   connections (glibc keeps it otherwise).
