@@ -40,22 +40,28 @@ pub struct Nodes {
 }
 
 impl Nodes {
-    pub fn heard(&self, record: &NodeRecord, now: Instant) {
+    /// Notes a heartbeat or goodbye; true when it is the first heartbeat of
+    /// a node (or of a new life of it) that this node hears.
+    pub fn heard(&self, record: &NodeRecord, now: Instant) -> bool {
         let state = if record.kind == "goodbye" {
             Liveness::Gone
         } else {
             Liveness::Alive(now)
         };
-        self.seen
+        let before = self
+            .seen
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(record.node.clone(), state);
+        let new_life = record.boot != 0 && self.boot_of(&record.node) != record.boot;
         if record.boot != 0 {
             self.boots
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(record.node.clone(), record.boot);
         }
+        matches!(state, Liveness::Alive(_))
+            && (new_life || !matches!(before, Some(Liveness::Alive(_))))
     }
 
     /// The boot id `node` last said (0: never heard).
@@ -144,8 +150,12 @@ pub(super) async fn run(cluster: Weak<Cluster>, every: Duration) {
                 let Ok(record) = serde_json::from_slice::<NodeRecord>(&message.payload) else {
                     continue;
                 };
-                if record.node != link.node_id() {
-                    link.nodes().heard(&record, Instant::now());
+                // A node new to this one hears this one's heartbeat at
+                // once, not an interval later: until it does, it would
+                // count this node out (a room it starts would not ask it
+                // who is there).
+                if record.node != link.node_id() && link.nodes().heard(&record, Instant::now()) {
+                    link.send_node_record("alive");
                 }
             }
         }
@@ -166,16 +176,19 @@ mod tests {
             kind: "alive".into(),
             boot: 1,
         };
-        nodes.heard(&alive, now);
+        assert!(nodes.heard(&alive, now), "a new node");
         assert_eq!(nodes.liveness("a"), Liveness::Alive(now));
+        assert!(!nodes.heard(&alive, now), "known already");
         let bye = NodeRecord {
             node: "a".into(),
             kind: "goodbye".into(),
             boot: 1,
         };
-        nodes.heard(&bye, now);
+        assert!(!nodes.heard(&bye, now));
         assert_eq!(nodes.liveness("a"), Liveness::Gone);
-        nodes.heard(&alive, now);
+        assert!(nodes.heard(&alive, now), "back after a goodbye");
         assert_eq!(nodes.liveness("a"), Liveness::Alive(now));
+        let restarted = NodeRecord { boot: 2, ..alive };
+        assert!(nodes.heard(&restarted, now), "a new life");
     }
 }
