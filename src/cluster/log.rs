@@ -60,7 +60,7 @@ impl Cluster {
         expected: u64,
         payload: Bytes,
     ) -> Result<u64, AppendError> {
-        if !self.partitions_ready() {
+        if !self.partition_ready(log.partition) {
             return Err(AppendError::NotStored(ClusterError::LinkDown));
         }
         let mut headers = HeaderMap::new();
@@ -116,7 +116,7 @@ impl Cluster {
         log: &RoomLog,
         from: Option<u64>,
     ) -> Result<Option<StoredRecord>, ClusterError> {
-        if !self.partitions_ready() {
+        if !self.partition_ready(log.partition) {
             return Err(ClusterError::LinkDown);
         }
         let stream = self

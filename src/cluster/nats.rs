@@ -224,6 +224,19 @@ impl Cluster {
         self.is_connected() && self.health.is_ok() && self.partitions.ready()
     }
 
+    /// Publishes to the rooms of `partition` can be committed: linked, or
+    /// linked but for other partitions' streams (an election elsewhere).
+    pub fn is_linked_for(&self, partition: u32) -> bool {
+        self.partition_ready(partition) && self.migrated.load(Ordering::SeqCst)
+    }
+
+    /// `partition`'s stream can be read and written.
+    pub(super) fn partition_ready(&self, partition: u32) -> bool {
+        self.is_connected()
+            && self.health.is_ok()
+            && (self.partitions.ready() || self.partitions.answering(partition))
+    }
+
     pub(super) fn jetstream(&self) -> &jetstream::Context {
         &self.js
     }

@@ -34,7 +34,11 @@ pub(super) struct StreamSettings {
 pub(super) struct Partitions {
     /// Each partition stream's creation time (unix ms) as last seen; 0 until known.
     incarnations: Vec<AtomicU64>,
+    /// Every partition stream is there and known.
     ready: AtomicBool,
+    /// Each partition stream answered the last check (a replicated stream
+    /// without a leader does not, while the others go on).
+    answering: Vec<AtomicBool>,
     /// Wakes the keeper at once (a reconnect, a stream found missing).
     check_now: Arc<Notify>,
 }
@@ -50,6 +54,9 @@ impl Partitions {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             ready: AtomicBool::new(false),
+            answering: (0..subjects.partitions())
+                .map(|_| AtomicBool::new(false))
+                .collect(),
             check_now: Arc::new(Notify::new()),
         });
         tokio::spawn(keep(js, subjects, settings, Arc::downgrade(&partitions)));
@@ -59,6 +66,13 @@ impl Partitions {
     /// Every partition stream is there and known.
     pub(super) fn ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
+    }
+
+    /// `partition`'s stream answered the last check.
+    pub(super) fn answering(&self, partition: u32) -> bool {
+        self.answering
+            .get(partition as usize)
+            .is_some_and(|a| a.load(Ordering::SeqCst))
     }
 
     pub(super) fn incarnation(&self, partition: u32) -> u64 {
@@ -148,20 +162,26 @@ async fn keep(
         let mut all = true;
         let mut error = None;
         let mut made_anew = Vec::new();
-        for partition in 0..subjects.partitions() {
-            let wanted = config(&subjects, &settings, partition);
-            match ensure(&js, wanted).await {
+        // Every partition is checked, at once, so one without a leader (an
+        // election in a replicated NATS) holds back only its rooms.
+        let checks = (0..subjects.partitions())
+            .map(|partition| ensure(&js, config(&subjects, &settings, partition)));
+        let results = futures_util::future::join_all(checks).await;
+        for (partition, result) in (0..subjects.partitions()).zip(results) {
+            let answering = &partitions.answering[partition as usize];
+            match result {
                 Ok(created) => {
                     let slot = &partitions.incarnations[partition as usize];
                     let before = slot.swap(created, Ordering::SeqCst);
                     if before != 0 && before != created {
                         made_anew.push(partition);
                     }
+                    answering.store(true, Ordering::SeqCst);
                 }
                 Err(e) => {
+                    answering.store(false, Ordering::SeqCst);
                     all = false;
                     error = Some(e);
-                    break;
                 }
             }
         }

@@ -89,7 +89,7 @@ pub(super) async fn catch_up(
 ) -> Result<Synced, RoomError> {
     let log = cluster.room_log(&room);
     let incarnation = cluster.incarnation(log.partition);
-    if !cluster.is_linked() || incarnation == 0 {
+    if !cluster.is_linked_for(log.partition) || incarnation == 0 {
         return Err(RoomError::Unavailable(ClusterError::LinkDown));
     }
     let (store, name) = (context.store.clone(), room.clone());

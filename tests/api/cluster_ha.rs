@@ -512,3 +512,81 @@ async fn cluster_ha_a_record_stored_out_of_turn_is_skipped_by_every_hub() {
         assert_eq!((hub_epoch, &got), (epoch, &want));
     }
 }
+
+/// While one partition's stream has no leader (its leader's server died,
+/// JetStream is electing another), rooms in the other partitions go on:
+/// their publishes are acked as before, while the leaderless partition's
+/// rooms get `unavailable` (not committed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_ha_an_election_holds_back_only_the_rooms_of_its_partition() {
+    let mut nats = NatsCluster::start(3).await;
+    let hub = spawn_node_on(&nats.url_list(), &[("ROOMHUB_SERVER__NODE_ID", "ha-part")]).await;
+    let tally = Mutex::new(Tally::default());
+    publish_acked(&hub, "ha-part-seed", "seed", &tally).await;
+    let subjects = Subjects::new("roomhub", 8);
+    let mut leaders = Vec::new();
+    for partition in 0..8 {
+        leaders.push(
+            nats.wait_stream_leader(&subjects.partition_stream(partition))
+                .await,
+        );
+    }
+    let meta = nats.wait_meta_leader().await;
+    let hub_server = nats
+        .server_of_client("roomhub ha-part")
+        .await
+        .expect("the hub's NATS connection");
+    // A server that is neither the hub's nor the meta leader, leading a partition.
+    let victim = (0..3)
+        .find(|&s| s != hub_server && s != meta && leaders.contains(&s))
+        .expect("a server to kill");
+    let room_in = |led_by_victim: bool| {
+        (0..1000)
+            .map(|i| format!("ha-part-{i}"))
+            .find(|room| {
+                let partition = subjects.room_log(&RoomName::parse(room).unwrap()).partition;
+                (leaders[partition as usize] == victim) == led_by_victim
+            })
+            .unwrap()
+    };
+    let (stalled, going) = (room_in(true), room_in(false));
+    let stalled_stream = subjects
+        .room_log(&RoomName::parse(&stalled).unwrap())
+        .stream;
+    publish_acked(&hub, &stalled, "before-1", &tally).await;
+    publish_acked(&hub, &going, "before-2", &tally).await;
+
+    nats.kill(victim);
+    // Publishes into the other partition, one after the other, while the
+    // stalled partition's stream has no leader.
+    let (mut during, mut refused_stalled) = (0, 0);
+    for n in 0..200 {
+        let answer = hub
+            .post(&format!("/api/rooms/{going}/messages"), json!({"data": n}))
+            .await;
+        assert_eq!(
+            answer.status(),
+            201,
+            "{going}: publish {n} during the election"
+        );
+        if nats.stream_leader(&stalled_stream).await.is_some() {
+            break;
+        }
+        during += 1;
+        let answer = hub
+            .post(
+                &format!("/api/rooms/{stalled}/messages"),
+                json!({"data": n}),
+            )
+            .await;
+        if answer.status() == 503 {
+            refused_stalled += 1;
+        }
+    }
+    eprintln!(
+        "HA partition election: {during} publishes acked in another partition while \
+         {stalled_stream} had no leader; {refused_stalled} publishes to it refused meanwhile"
+    );
+    assert!(during > 0, "the election ended before a publish");
+    assert!(refused_stalled > 0, "the stalled partition took publishes");
+}

@@ -96,7 +96,7 @@ impl RoomActor {
         if self.log.is_none() {
             return self.reply_error(msg.reply, self.not_ready());
         }
-        if !cluster.is_linked() {
+        if !self.linked(cluster) {
             return self.reply_error(msg.reply, RoomError::Unavailable(ClusterError::LinkDown));
         }
         if self.outbox.queued.len() >= MAX_QUEUED {

@@ -48,6 +48,15 @@ pub(super) struct Feed {
 pub(super) struct LiveRecord(async_nats::Message);
 
 impl RoomActor {
+    /// The room's partition can be written and read (an election of another
+    /// partition's stream does not hold this room back).
+    pub(super) fn linked(&self, cluster: &crate::cluster::Cluster) -> bool {
+        match &self.feed.log {
+            Some(log) => cluster.is_linked_for(log.partition),
+            None => cluster.is_linked(),
+        }
+    }
+
     /// Follows the room's log from the record at `head` on.
     pub(super) fn follow_log(
         &mut self,
@@ -91,11 +100,11 @@ impl RoomActor {
         if incarnation != 0 && incarnation != self.feed.incarnation {
             return self.restart_from_cluster(ctx, "NATS made the room's partition stream anew");
         }
-        if !cluster.is_linked() {
+        if !self.linked(&cluster) {
             // Nothing is heard live meanwhile (counted once, for the node's report).
             self.feed_failed(&"the cluster link is down");
         }
-        if self.feed.live.is_none() && !self.feed.subscribing && cluster.is_linked() {
+        if self.feed.live.is_none() && !self.feed.subscribing && self.linked(&cluster) {
             self.resubscribe(ctx);
         }
         let missed = cluster.link_generation() != self.feed.link_generation;
@@ -121,7 +130,7 @@ impl RoomActor {
             self.feed.read_again = true;
             return;
         }
-        if !cluster.is_linked() {
+        if !self.linked(&cluster) {
             self.feed.read_again = true;
             return;
         }
