@@ -307,8 +307,15 @@ impl Cluster {
         self.publish_core(self.subjects.direct(), record);
     }
 
+    /// Core NATS messages (presence, heartbeats, answers) can go: connected
+    /// and NATS answering (a stalled server would only pile them up), even
+    /// while a JetStream partition elects a leader.
+    pub(super) fn can_publish_core(&self) -> bool {
+        self.is_connected() && self.health.is_ok()
+    }
+
     fn publish_core(&self, subject: String, value: &impl serde::Serialize) {
-        if !self.is_linked() {
+        if !self.can_publish_core() {
             return;
         }
         let Ok(payload) = serde_json::to_vec(value) else {

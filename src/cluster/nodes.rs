@@ -94,6 +94,9 @@ impl Nodes {
     }
 }
 
+/// How often the heartbeat task looks whether the link just came up.
+const LINK_CHECK: Duration = Duration::from_millis(20);
+
 /// A subscription to the node-level subject `subject` names, retried each
 /// second until made; `None` once the cluster link is gone.
 async fn subscribed(
@@ -128,11 +131,27 @@ pub(super) async fn run(cluster: Weak<Cluster>, every: Duration) {
     };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Heartbeats are sent only while NATS answers: the first one goes the
+    // moment it does (and again after each reconnect), not a
+    // tick later, so
+    // the others (who answer a newcomer at once) are known before this
+    // node's rooms ask who is there.
+    let mut link_check = tokio::time::interval(LINK_CHECK);
+    let mut announced = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 let Some(link) = cluster.upgrade() else { return };
                 link.send_node_record("alive");
+                announced = link.can_publish_core();
+            }
+            _ = link_check.tick() => {
+                let Some(link) = cluster.upgrade() else { return };
+                let linked = link.can_publish_core();
+                if linked && !announced {
+                    link.send_node_record("alive");
+                }
+                announced = linked;
             }
             ask = serving_asks.next() => {
                 let Some(ask) = ask else { return };
