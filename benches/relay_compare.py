@@ -17,6 +17,7 @@ Everything is on loopback and bounded in time.
 """
 import argparse, json, os, shutil, signal, socket, statistics, subprocess, sys
 import tempfile, threading, time
+from bench_env import LIFTED, free_port
 
 SCENARIOS = {
     "A": ["--clients", "1000", "--rooms", "1", "--publishers", "1", "--window", "64"],
@@ -25,19 +26,7 @@ SCENARIOS = {
     "D": ["--clients", "19000", "--rooms", "100", "--publishers", "0"],
     "durable": ["--clients", "10", "--rooms", "1", "--publishers", "10", "--window", "64"],
 }
-LIFTED = {
-    "ROOMHUB_LIMITS__PUBLISH_PER_SEC": "1000000",
-    "ROOMHUB_LIMITS__PUBLISH_BURST": "1000000",
-    "ROOMHUB_LIMITS__MAX_CONNECTIONS_PER_IP": "100000",
-    "ROOMHUB_LIMITS__HANDSHAKES_PER_IP_PER_SEC": "100000",
-    "RUST_LOG": "warn",
-}
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_kib(pid):
@@ -78,6 +67,7 @@ def start_server(kind, args, durability, compression, work):
             "ROOMHUB_STORAGE__DURABILITY": durability,
             "ROOMHUB_WEBSOCKET__COMPRESSION": "true" if compression else "false",
         })
+        env.update(kv.split("=", 1) for kv in args.env)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port)
     return proc, port
@@ -151,6 +141,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--only", default="A,B,C,D,durable")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra setting for the roomhub runs (repeatable)")
+    ap.add_argument("--no-relay", action="store_true", help="skip the relay's runs")
+    ap.add_argument("--no-compressed", action="store_true",
+                    help="skip the runs with every client compressed")
     args = ap.parse_args()
     args.bin, args.relay = os.path.abspath(args.bin), os.path.abspath(args.relay)
     args.load = os.path.abspath(args.load or args.bin)
@@ -159,11 +154,13 @@ def main():
     plan = []
     for s in ["A", "B", "C", "D"]:
         if s in only:
-            plan.append((f"{s} relay", "relay", s, "batched", False))
+            if not args.no_relay:
+                plan.append((f"{s} relay", "relay", s, "batched", False))
             plan.append((f"{s} batched", "roomhub", s, "batched", False))
             if s != "D":
                 plan.append((f"{s} sync", "roomhub", s, "sync", False))
-            plan.append((f"{s} batched compressed", "roomhub", s, "batched", True))
+            if not args.no_compressed:
+                plan.append((f"{s} batched compressed", "roomhub", s, "batched", True))
     if "durable" in only:
         plan.append(("durable sync", "roomhub", "durable", "sync", False))
     results = {}

@@ -188,6 +188,7 @@ impl SledStore {
             commit_delay,
             seq: begun.seq,
             sealed_at: Instant::now(),
+            spare: Default::default(),
         };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
