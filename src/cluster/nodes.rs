@@ -132,8 +132,7 @@ pub(super) async fn run(cluster: Weak<Cluster>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Heartbeats are sent only while NATS answers: the first one goes the
-    // moment it does (and again after each reconnect), not a
-    // tick later, so
+    // moment it does (and again after each reconnect), not a tick later, so
     // the others (who answer a newcomer at once) are known before this
     // node's rooms ask who is there.
     let mut link_check = tokio::time::interval(LINK_CHECK);
