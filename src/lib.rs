@@ -5,8 +5,9 @@
 //! - [`protocol`]: PURE wire types, codec, names, error and close codes.
 //! - [`config`]: layered settings (docs/configuration.md), validated before anything starts.
 //! - [`storage`]: the history log trait, sled (each room's messages in a
-//!   ring of slots, group commit in bounded batches, recovery from write
-//!   failures, checks as logs load) and
+//!   ring of slots, headers written only when the ring cannot tell them
+//!   (`storage::headers`), group commit in bounded batches, recovery from
+//!   write failures, checks as logs load) and
 //!   in-memory implementations, the store's runs (which rooms move to a new
 //!   epoch after a crash or damage), store-format migrations.
 //! - [`room`]: one actor per room, the only writer of its log (split by

@@ -1,4 +1,4 @@
-//! The key layout of the store (format v4): every room in one sled tree.
+//! The key layout of the store (format v5): every room in one sled tree.
 //!
 //! ```text
 //! tree "meta":  "format_version" → u32 BE    "node_id" → utf-8
@@ -18,7 +18,9 @@
 //! its log, its memory and its writes small (BENCHMARKS.md, "Storage soak").
 //! Every message carries its own offset, which readers check, so a slot that
 //! holds another offset than the one asked for is simply not that message.
-//! Room names never contain 0x00, so `'s' room 0x00` is an exact prefix of one
+//! Since v5 a header's `last` may trail the ring by a few appends (it is
+//! written only when readers could not follow the ring to the newest offset;
+//! [`super::headers`]). Room names never contain 0x00, so `'s' room 0x00` is an exact prefix of one
 //! room's slots. Formats v2/v3 keyed messages by offset (`'m' room 0x00
 //! offset`); the v4 step moves them into rings.
 
@@ -57,7 +59,8 @@ pub fn room_of_header(key: &[u8]) -> Option<&[u8]> {
     key.strip_prefix(ROOM_HEADER_PREFIX)
 }
 
-/// A room log's header: its epoch, the newest offset ever assigned, the run
+/// A room log's header: its epoch, the newest offset ever assigned (as
+/// written: [`super::headers::exact`] follows the ring past it), the run
 /// (incarnation) that last wrote it (which tells after an unclean stop which
 /// rooms may have lost writes acked before a flush), the oldest offset still
 /// retained (`last + 1` when none is) and the size of its ring of slots.

@@ -16,9 +16,11 @@ pub mod v2_single_keyspace;
 pub mod v3_run_markers;
 #[path = "../../migrations/v4_ring_slots.rs"]
 pub mod v4_ring_slots;
+#[path = "../../migrations/v5_lazy_headers.rs"]
+pub mod v5_lazy_headers;
 
 /// The format this binary reads and writes.
-pub const CURRENT_VERSION: u32 = 4;
+pub const CURRENT_VERSION: u32 = 5;
 
 type Step = fn(&sled::Db) -> sled::Result<()>;
 
@@ -27,6 +29,7 @@ const STEPS: &[(u32, Step)] = &[
     (2, v2_single_keyspace::upgrade),
     (3, v3_run_markers::upgrade),
     (4, v4_ring_slots::upgrade),
+    (5, v5_lazy_headers::upgrade),
 ];
 
 /// Reads the stored version (None for a database never stamped).

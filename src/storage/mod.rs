@@ -15,6 +15,7 @@
 //! a batch's operations become visible together, and `done` runs only once the
 //! batch is as durable as the configured [`Durability`] demands.
 
+pub mod headers;
 pub mod keys;
 pub mod lifecycle;
 pub mod memory;

@@ -11,6 +11,7 @@
 //! room as damaged; the room moves to a new epoch ([`RoomSnapshot::damage`])
 //! and keeps what is still readable.
 
+use super::headers;
 use super::keys::{self, Header, LOG_TREE, META_TREE, NODE_ID_KEY};
 use super::lifecycle::{self, Begun};
 use super::writer::{Job, Writer};
@@ -189,6 +190,7 @@ impl SledStore {
             seq: begun.seq,
             sealed_at: Instant::now(),
             spare: Default::default(),
+            headers: Default::default(),
         };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
@@ -228,12 +230,16 @@ impl SledStore {
         EncodedMessage::from_json(raw).map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
-    /// A room's log header, if it has a log.
+    /// A room's log header as its ring has it ([`headers::exact`]), if it has a log.
     fn header(&self, handles: &Handles, room: &[u8]) -> Result<Option<Header>, StoreError> {
-        Ok(handles
+        let stored = handles
             .log
             .get(keys::room_meta_key(room))?
-            .and_then(|v| Header::decode(&v)))
+            .and_then(|v| Header::decode(&v));
+        match stored {
+            Some(stored) => Ok(Some(headers::exact(&handles.log, room, stored)?)),
+            None => Ok(None),
+        }
     }
 
     /// A stored message, or `None` (with a warning) if it cannot be decoded:
@@ -272,13 +278,13 @@ impl SledStore {
         let name = room.as_str().as_bytes();
         let mut damage = None;
         let header = match log.get(keys::room_meta_key(name))? {
-            Some(bytes) => {
-                let header = Header::decode(&bytes);
-                if header.is_none() {
+            Some(bytes) => match Header::decode(&bytes) {
+                Some(stored) => Some(headers::exact(log, name, stored)?),
+                None => {
                     damage = Some("its header cannot be read".to_owned());
+                    None
                 }
-                header
-            }
+            },
             None => None,
         };
         if !self.shared.health.is_writable()
@@ -346,6 +352,17 @@ impl SledStore {
                 dedup.push(DedupEntry { key, offset, ts });
             }
         }
+        // A damaged log may hold offsets past what its header and the run
+        // of slots after it reach: none of them may be handed out again.
+        let last_offset = match damage {
+            Some(_) => log
+                .scan_prefix(&prefix)
+                .values()
+                .flatten()
+                .filter_map(|v| headers::offset_in(&v))
+                .fold(last_offset, u64::max),
+            None => last_offset,
+        };
         Ok(RoomSnapshot {
             epoch: header.map(|h| h.epoch),
             last_offset,

@@ -17,11 +17,11 @@
 //! again, which starts a new incarnation ([`super::lifecycle`]) and raises the
 //! store's generation so rooms reload their view before writing again.
 
+use super::headers::{self, Known, Remembered};
 use super::keys::{self, Header, SEQ_KEY};
 use super::sled_store::{Handles, Shared};
 use super::{StoreError, WriteBatch, WriteDone, WriteOp};
 use crate::config::Durability;
-use std::collections::HashMap;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -75,6 +75,9 @@ pub(super) struct Writer {
     /// group made glibc consolidate its free lists on each growth, a tenth of
     /// this thread's time under load (perf, scenario B).
     pub spare: Spare,
+    /// Room headers not written yet ([`headers`]: format v5 writes a header
+    /// only when it cannot be read back from the ring).
+    pub headers: Remembered,
 }
 
 /// The writer's reusable buffers (empty between groups).
@@ -82,7 +85,6 @@ pub(super) struct Writer {
 pub(super) struct Spare {
     group: Vec<Job>,
     done: Vec<WriteDone>,
-    headers: Headers,
 }
 
 impl Writer {
@@ -110,6 +112,7 @@ impl Writer {
             if let Err(error) = result {
                 tracing::error!(%error, "store write failed; publishes get `unavailable` until it recovers");
                 self.shared.health.fail(error.to_string());
+                self.headers.forget_all();
                 // Everything queued was made against the failed state.
                 while let Ok(job) = jobs.try_recv() {
                     refuse(job, self.shared.health.error());
@@ -134,7 +137,6 @@ impl Writer {
         };
         let generation = self.shared.health.generation();
         let mut done = std::mem::take(&mut self.spare.done);
-        let mut headers = std::mem::take(&mut self.spare.headers);
         let mut flush_waiters = Vec::new();
         let mut chunk = sled::Batch::default();
         let mut chunk_bytes = 0;
@@ -152,7 +154,10 @@ impl Writer {
                         chunk_bytes = 0;
                     }
                     if result.is_ok() {
-                        chunk_bytes += add_to_batch(&mut chunk, &mut headers, &handles, write);
+                        match add_to_batch(&mut chunk, &mut self.headers, &handles, write) {
+                            Ok(bytes) => chunk_bytes += bytes,
+                            Err(error) => result = Err(error),
+                        }
                         if chunk_bytes >= MAX_SLED_BATCH_BYTES {
                             result = handles.log.apply_batch(std::mem::take(&mut chunk));
                             chunk_bytes = 0;
@@ -164,6 +169,15 @@ impl Writer {
             }
         }
         let result = result.map_err(StoreError::from).and_then(|()| {
+            // Too many rooms remembered: their headers go with this group.
+            for (key, header) in self.headers.settle(false) {
+                chunk_bytes += key.len() + 40;
+                chunk.insert(key, &header.encode()[..]);
+                if chunk_bytes >= MAX_SLED_BATCH_BYTES {
+                    handles.log.apply_batch(std::mem::take(&mut chunk))?;
+                    chunk_bytes = 0;
+                }
+            }
             self.seq += 1;
             chunk.insert(SEQ_KEY, &self.seq.to_be_bytes()[..]);
             handles.log.apply_batch(chunk)?;
@@ -188,11 +202,8 @@ impl Writer {
         for callback in done.drain(..) {
             callback(reported.clone());
         }
-        headers.clear();
-        headers.shrink_to(SPARE_JOBS);
         done.shrink_to(SPARE_JOBS);
         self.spare.done = done;
-        self.spare.headers = headers;
         for waiter in flush_waiters {
             let _ = waiter.send(reported.clone());
         }
@@ -215,6 +226,7 @@ impl Writer {
                 tracing::info!(incarnation = begun.incarnation, "the store can write again");
                 super::sled_store::report_new_epochs(&begun);
                 self.seq = begun.seq;
+                self.headers.forget_all();
                 self.handles = Some(handles.clone());
                 *self.shared.handles.write() = Some(handles);
                 self.shared.health.recover();
@@ -227,17 +239,23 @@ impl Writer {
 
     /// The jobs channel closed (the store is closing): a clean end of this
     /// incarnation if the store is healthy.
-    fn finish(&self) {
-        let (true, Some(handles)) = (self.shared.health.is_writable(), &self.handles) else {
+    fn finish(&mut self) {
+        let (true, Some(handles)) = (self.shared.health.is_writable(), self.handles.clone()) else {
             tracing::error!(
                 error = %self.shared.health.reason(),
                 "the store closes without its last writes: publishes that failed were never acked; with `batched` durability, rooms written since the last flush move to a new epoch at the next start"
             );
             return;
         };
-        if let Err(error) =
+        // Every header exact again, so the next start reads no ring to find them.
+        let mut batch = sled::Batch::default();
+        for (key, header) in self.headers.settle(true) {
+            batch.insert(key, &header.encode()[..]);
+        }
+        let settled = handles.log.apply_batch(batch).map_err(StoreError::from);
+        if let Err(error) = settled.and_then(|()| {
             super::lifecycle::end(&handles.db, &self.shared.dir, handles.incarnation, self.seq)
-        {
+        }) {
             tracing::error!(%error, "store flush at close failed");
         }
     }
@@ -289,40 +307,34 @@ pub(super) fn gather(
     }
 }
 
-/// The headers of the rooms a group has changed so far (what the tree will
-/// hold once the group's batches are applied).
-type Headers = HashMap<Vec<u8>, Header>;
-
-/// The room's header as the group left it, else as the tree holds it.
-fn current_header(headers: &Headers, handles: &Handles, room: &[u8]) -> Option<Header> {
-    let key = keys::room_meta_key(room);
-    if let Some(h) = headers.get(&key) {
-        return Some(*h);
-    }
-    let stored = handles.log.get(&key).ok().flatten()?;
-    Header::decode(&stored)
-}
-
 /// Adds one room's changes to `batch`; returns about how many bytes they add.
 /// Messages go to their slot in the room's ring: an append at the retention
 /// limit overwrites the oldest message's slot, and a prune deletes only
-/// slots no newer retained offset has taken over.
+/// slots no newer retained offset has taken over. The room's header goes
+/// with them only when readers could not find it from the ring ([`headers`]).
 fn add_to_batch(
     batch: &mut sled::Batch,
-    headers: &mut Headers,
+    remembered: &mut Remembered,
     handles: &Handles,
     write: WriteBatch,
-) -> usize {
+) -> sled::Result<usize> {
+    if write.ops.is_empty() {
+        return Ok(0);
+    }
     let room = write.room.as_str().as_bytes();
+    let header_key = keys::room_meta_key(room);
     let mut bytes = 0;
-    let mut header = current_header(headers, handles, room).unwrap_or(Header {
+    let known = remembered.get(&handles.log, room, &header_key)?;
+    let stored = known.and_then(|k| k.stored);
+    let mut header = known.map(|k| k.exact).unwrap_or(Header {
         epoch: write.epoch,
         last: 0,
         incarnation: handles.incarnation,
         first: 1,
         ring: write.ring.max(1),
     });
-    let mut changed = false;
+    // Set by what readers cannot follow from the ring alone.
+    let mut explicit = false;
     let insert = |batch: &mut sled::Batch, bytes: &mut usize, key: Vec<u8>, value: &[u8]| {
         *bytes += key.len() + value.len();
         batch.insert(key, value);
@@ -332,12 +344,12 @@ fn add_to_batch(
         batch.remove(key);
     };
     for op in write.ops {
-        changed = true;
         // As the log is now (a re-layout changes it for the ops after it).
         let ring = header.ring.max(1);
         match op {
             WriteOp::Append { message, key } => {
                 let offset = message.offset;
+                explicit |= offset != header.last + 1;
                 if let Some(key) = key {
                     let entry = keys::pair(offset, message.ts);
                     insert(batch, &mut bytes, keys::dedup_key(room, &key), &entry);
@@ -377,28 +389,35 @@ fn add_to_batch(
                 }
                 header.last = after;
                 header.first = header.first.min(after + 1);
+                explicit = true;
             }
             WriteOp::SetHeader { last } => {
                 header.last = last;
                 header.first = header.first.min(last + 1);
+                explicit = true;
             }
             WriteOp::Relayout => {
                 bytes += relayout(batch, handles, room, &mut header, write.ring.max(1));
+                explicit = true;
             }
         }
     }
-    if changed {
-        header.epoch = write.epoch;
-        header.incarnation = handles.incarnation;
-        insert(
-            batch,
-            &mut bytes,
-            keys::room_meta_key(room),
-            &header.encode(),
-        );
-        headers.insert(keys::room_meta_key(room), header);
-    }
-    bytes
+    header.epoch = write.epoch;
+    header.incarnation = handles.incarnation;
+    let stored = if explicit || headers::must_write(stored.as_ref(), &header) {
+        insert(batch, &mut bytes, header_key.clone(), &header.encode());
+        Some(header)
+    } else {
+        stored
+    };
+    remembered.remember(
+        header_key,
+        Known {
+            stored,
+            exact: header,
+        },
+    );
+    Ok(bytes)
 }
 
 /// Moves a room's retained messages into a ring of `ring` slots, keeping the

@@ -1,6 +1,7 @@
 //! Durability: restarts, kill -9, the drain, store-format upgrades.
 
 use crate::helpers::*;
+use roomhub::storage::keys::Header;
 use serde_json::json;
 
 #[tokio::test]
@@ -69,6 +70,88 @@ async fn kill_9_right_after_acks_loses_no_acked_message() {
         .get_json("/api/rooms/durable/messages?since=200&limit=200")
         .await;
     assert_eq!(offsets(&page["messages"]), (201..=N).collect::<Vec<_>>());
+}
+
+/// The room headers on disk, by room (read with the hub stopped).
+fn stored_headers(data: &std::path::Path) -> std::collections::HashMap<String, Header> {
+    use roomhub::storage::keys;
+    let db = sled::open(data).unwrap();
+    let log = db.open_tree(keys::LOG_TREE).unwrap();
+    log.scan_prefix(keys::ROOM_HEADER_PREFIX)
+        .map(|entry| {
+            let (key, value) = entry.unwrap();
+            let room = keys::room_of_header(&key).unwrap();
+            let header = Header::decode(&value).unwrap();
+            (String::from_utf8(room.to_vec()).unwrap(), header)
+        })
+        .collect()
+}
+
+/// Format v5 writes a room's header only every few appends
+/// (src/storage/headers.rs). After kill -9 the headers on disk trail the
+/// rooms' rings, and the restart still finds every acked offset, keeps every
+/// epoch (`sync`) and goes on after the last offset; a clean stop leaves
+/// every header exact.
+#[tokio::test]
+async fn headers_behind_the_rings_after_kill_9_lose_no_offset() {
+    let mut app = TestApp::spawn_with(&[
+        ("ROOMHUB_STORAGE__DURABILITY", "sync"),
+        ("ROOMHUB_LIMITS__PUBLISH_PER_SEC", "100000"),
+        ("ROOMHUB_LIMITS__PUBLISH_BURST", "100000"),
+    ])
+    .await;
+    // Around the lag limit of a 1 000-slot ring (64), and past it.
+    let counts = [1u64, 5, 63, 64, 65, 130];
+    let room = |i: usize| format!("lag-{i}");
+    let mut c = app.connect("user=alice").await;
+    let mut epochs = Vec::new();
+    for (i, &n) in counts.iter().enumerate() {
+        epochs.push(c.join(&room(i)).await["epoch"].as_u64().unwrap());
+        // One at a time: each publish is a write group of its own.
+        for k in 0..n {
+            c.publish(&room(i), json!(k)).await;
+        }
+    }
+    drop(c);
+    app.kill9();
+    let on_disk = stored_headers(&app.data_dir());
+    let behind: Vec<_> = counts
+        .iter()
+        .enumerate()
+        .filter(|&(i, &n)| on_disk[&room(i)].last < n)
+        .map(|(i, _)| room(i))
+        .collect();
+    assert!(
+        behind.len() >= 3,
+        "headers trail their rings after kill -9: {behind:?} ({on_disk:?})"
+    );
+
+    app.restart();
+    let mut c = app.connect("user=alice").await;
+    for (i, &n) in counts.iter().enumerate() {
+        let joined = c
+            .request(json!({"type": "join", "room": room(i), "since": {"epoch": epochs[i], "offset": 0}}))
+            .await;
+        assert_eq!(joined["epoch"], epochs[i], "a sync run keeps its epochs");
+        assert_eq!(joined["recovered"], true);
+        assert_eq!(
+            offsets(&joined["history"]),
+            (1..=n).collect::<Vec<_>>(),
+            "{}",
+            room(i)
+        );
+        assert_eq!(c.publish(&room(i), json!("next")).await, n + 1);
+    }
+    drop(c);
+    assert!(app.terminate().success());
+    let on_disk = stored_headers(&app.data_dir());
+    for (i, &n) in counts.iter().enumerate() {
+        assert_eq!(
+            on_disk[&room(i)].last,
+            n + 1,
+            "a clean stop writes every header"
+        );
+    }
 }
 
 #[tokio::test]
