@@ -13,7 +13,8 @@
 //! - [`room`]: one actor per room, the only writer of its log (split by
 //!   concern under `room/actor/`: publish, fan-out, reads, and in cluster
 //!   mode append, feed, replica, presence, and hook reports settled across
-//!   nodes); the registry.
+//!   nodes); the registry; the TTL sweep that starts stopped rooms holding
+//!   expired messages so they prune them (`room::expiry_sweep`).
 //! - [`hooks`]: the backend hooks: connect authorizer, publish approval,
 //!   signed event batches (one queue per node, at least once, in order).
 //! - [`cluster`]: cluster mode over NATS: a fixed set of JetStream partition

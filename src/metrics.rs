@@ -21,6 +21,10 @@ pub struct Metrics {
     /// messages and the session's own frames, over the size threshold).
     pub messages_delivered_compressed: IntCounter,
     pub direct_messages: IntCounter,
+    /// Messages pruned because they outlived `history.ttl_secs`.
+    pub messages_expired: IntCounter,
+    /// Rooms not running that the TTL sweep started to prune their history.
+    pub rooms_swept: IntCounter,
     pub slow_consumer_disconnects: IntCounter,
     pub rate_limited: IntCounter,
     pub abuse_disconnects: IntCounter,
@@ -145,6 +149,14 @@ impl Metrics {
             direct_messages: counter(
                 "roomhub_direct_messages_total",
                 "direct messages handed to sessions",
+            ),
+            messages_expired: counter(
+                "roomhub_messages_expired_total",
+                "messages pruned because they outlived history.ttl_secs",
+            ),
+            rooms_swept: counter(
+                "roomhub_rooms_swept_total",
+                "idle rooms the TTL sweep started so they prune their expired history",
             ),
             slow_consumer_disconnects: counter(
                 "roomhub_slow_consumer_disconnects_total",

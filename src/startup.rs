@@ -119,7 +119,18 @@ impl Application {
                 }
             }
         });
+        // Idle rooms' expired history leaves the disk too (standalone: in
+        // cluster mode the streams expire records themselves, and a room's
+        // local copy is pruned whenever the room runs).
+        let expiry_sweep = match self.state.cluster {
+            None => crate::room::expiry_sweep::spawn(self.state.registry.clone()),
+            Some(_) => None,
+        };
         shutdown.await;
+        // No room is started for the sweep while the node drains.
+        if let Some(sweep) = expiry_sweep {
+            sweep.abort();
+        }
         crate::shutdown::drain_sessions(&self.state).await;
         // The drain's `session_disconnected` events (and any others) get a
         // short while to reach the backend; a failing one does not hold the exit.

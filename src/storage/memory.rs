@@ -2,7 +2,8 @@
 //! benches (fan-out without disk) and tests. Nothing survives the process.
 
 use super::{
-    DedupEntry, HistoryStore, RoomSnapshot, StoreError, Take, WriteBatch, WriteDone, WriteOp,
+    DedupEntry, ExpiryScan, HistoryStore, RoomSnapshot, StoreError, Take, WriteBatch, WriteDone,
+    WriteOp,
 };
 use crate::config::Durability;
 use crate::protocol::{EncodedMessage, RoomName};
@@ -106,6 +107,34 @@ impl HistoryStore for MemoryStore {
             .find(|(_, m)| m.ts >= cutoff_ts)
             .map(|(offset, _)| *offset)
             .unwrap_or(log.last + 1))
+    }
+
+    fn rooms_with_expired(
+        &self,
+        after: Option<&RoomName>,
+        cutoff_ts: u64,
+        scan: usize,
+        limit: usize,
+    ) -> Result<ExpiryScan, StoreError> {
+        let rooms = self.rooms.lock();
+        let mut names: Vec<&RoomName> = rooms
+            .keys()
+            .filter(|room| after.is_none_or(|after| *room > after))
+            .collect();
+        names.sort();
+        let mut found = ExpiryScan::default();
+        for (looked, room) in names.iter().enumerate() {
+            if looked == scan || found.rooms.len() == limit {
+                return Ok(found);
+            }
+            found.next = Some((*room).clone());
+            let oldest = rooms[*room].messages.values().next();
+            if oldest.is_some_and(|m| m.ts < cutoff_ts) {
+                found.rooms.push((*room).clone());
+            }
+        }
+        found.next = None;
+        Ok(found)
     }
 
     fn write(&self, batch: WriteBatch, done: WriteDone) {

@@ -145,6 +145,16 @@ pub struct WriteBatch {
 /// thread, so it must only hand the result on (e.g. to an actor's mailbox).
 pub type WriteDone = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
+/// What one step of the TTL sweep found ([`HistoryStore::rooms_with_expired`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExpiryScan {
+    /// Rooms whose oldest retained message has expired.
+    pub rooms: Vec<RoomName>,
+    /// The last room looked at, where the next step continues; `None` when
+    /// this step reached the end of the store (the next one starts over).
+    pub next: Option<RoomName>,
+}
+
 /// Which way [`HistoryStore::read_range`] takes `limit` messages from a range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Take {
@@ -176,6 +186,18 @@ pub trait HistoryStore: Send + Sync + 'static {
         from: u64,
         cutoff_ts: u64,
     ) -> Result<u64, StoreError>;
+
+    /// One step of the TTL sweep (`room::expiry_sweep`): looks at the logs
+    /// of at most `scan` rooms, in name order after `after` (from the first
+    /// when `None`), and returns up to `limit` of those whose oldest retained
+    /// message is older than `cutoff_ts` (unix ms).
+    fn rooms_with_expired(
+        &self,
+        after: Option<&RoomName>,
+        cutoff_ts: u64,
+        scan: usize,
+        limit: usize,
+    ) -> Result<ExpiryScan, StoreError>;
 
     /// Queues a batch; `done` runs once it is durable per [`Durability`].
     fn write(&self, batch: WriteBatch, done: WriteDone);

@@ -16,7 +16,8 @@ use super::keys::{self, Header, LOG_TREE, META_TREE, NODE_ID_KEY};
 use super::lifecycle::{self, Begun};
 use super::writer::{Job, Writer};
 use super::{
-    migrate, DedupEntry, HistoryStore, RoomSnapshot, StoreError, Take, WriteBatch, WriteDone,
+    migrate, DedupEntry, ExpiryScan, HistoryStore, RoomSnapshot, StoreError, Take, WriteBatch,
+    WriteDone,
 };
 use crate::config::Durability;
 use crate::protocol::{EncodedMessage, RoomName};
@@ -460,6 +461,57 @@ impl HistoryStore for SledStore {
             }
         }
         Ok(header.last + 1)
+    }
+
+    fn rooms_with_expired(
+        &self,
+        after: Option<&RoomName>,
+        cutoff_ts: u64,
+        scan: usize,
+        limit: usize,
+    ) -> Result<ExpiryScan, StoreError> {
+        use std::ops::Bound;
+        let handles = self.handles()?;
+        let start = match after {
+            Some(room) => Bound::Excluded(keys::room_meta_key(room.as_str().as_bytes())),
+            None => Bound::Included(keys::ROOM_HEADER_PREFIX.to_vec()),
+        };
+        let mut found = ExpiryScan::default();
+        for (looked, entry) in handles.log.range((start, Bound::Unbounded)).enumerate() {
+            let (key, value) = entry?;
+            // Past the last header the keyspace holds other kinds of keys.
+            let Some(name) = keys::room_of_header(&key) else {
+                break;
+            };
+            if looked == scan || found.rooms.len() == limit {
+                return Ok(found);
+            }
+            let (Some(stored), Some(room)) = (
+                Header::decode(&value),
+                std::str::from_utf8(name)
+                    .ok()
+                    .and_then(|n| RoomName::parse(n).ok()),
+            ) else {
+                continue; // Not a room log this binary wrote; loading it says so.
+            };
+            found.next = Some(room.clone());
+            let header = headers::exact(&handles.log, name, stored)?;
+            if header.first > header.last {
+                continue;
+            }
+            let slot = keys::slot_key(name, header.first, header.ring.max(1));
+            // A missing or unreadable oldest message also wakes the room:
+            // its load finds the damage and mends it.
+            let expired = match handles.log.get(slot)?.map(|json| self.decode(json)) {
+                Some(Ok(message)) => message.offset != header.first || message.ts < cutoff_ts,
+                _ => true,
+            };
+            if expired {
+                found.rooms.push(room);
+            }
+        }
+        found.next = None;
+        Ok(found)
     }
 
     fn write(&self, batch: WriteBatch, done: WriteDone) {

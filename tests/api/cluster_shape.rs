@@ -2,19 +2,10 @@
 //! ever existed: a fixed set of partition streams, no JetStream consumer,
 //! and a node hears a room's traffic only while it serves that room.
 
-use crate::helpers::TestApp;
 use crate::nats::{spawn_node, NatsServer};
 use async_nats::jetstream;
 use futures_util::TryStreamExt;
 use serde_json::json;
-
-/// The value of a counter in a node's `/metrics`.
-async fn counter(node: &TestApp, name: &str) -> u64 {
-    let text = node.metrics().await;
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics")) as u64
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rooms_cost_nats_no_stream_or_consumer_and_idle_nodes_hear_nothing() {
@@ -40,8 +31,8 @@ async fn rooms_cost_nats_no_stream_or_consumer_and_idle_nodes_hear_nothing() {
     let subjects: u64 = infos.iter().map(|i| i.state.subjects_count).sum();
     assert_eq!(subjects, ROOMS as u64, "one subject per room");
     // Node b serves none of these rooms: it heard and read nothing of them.
-    assert_eq!(counter(&b, "roomhub_cluster_live_records_total").await, 0);
-    assert_eq!(counter(&b, "roomhub_cluster_read_records_total").await, 0);
+    assert_eq!(b.metric("roomhub_cluster_live_records_total").await, 0);
+    assert_eq!(b.metric("roomhub_cluster_read_records_total").await, 0);
     // Once b serves a room it hears that room's records, live.
     let mut bob = b.connect("user=bob").await;
     let joined = bob.join("shape-7").await;
@@ -52,5 +43,5 @@ async fn rooms_cost_nats_no_stream_or_consumer_and_idle_nodes_hear_nothing() {
     assert_eq!(resp.status(), 201);
     let live = bob.next_of("message").await;
     assert_eq!(live["data"], "live");
-    assert_eq!(counter(&b, "roomhub_cluster_live_records_total").await, 1);
+    assert_eq!(b.metric("roomhub_cluster_live_records_total").await, 1);
 }

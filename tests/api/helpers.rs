@@ -189,6 +189,14 @@ impl TestApp {
             .expect("metrics text")
     }
 
+    /// One unlabelled counter or gauge from `/metrics`.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics")) as u64
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let resp = self
             .http()

@@ -175,3 +175,66 @@ async fn messages_older_than_the_ttl_are_pruned() {
         .await;
     assert_eq!(resp.json::<Value>().await.unwrap()["offset"], 4);
 }
+
+/// A room that starts after its messages expired (here: after a restart)
+/// never serves them, not even to its first reader.
+#[tokio::test]
+async fn a_room_loaded_after_its_messages_expired_never_serves_them() {
+    let mut app = TestApp::spawn_with(&[("ROOMHUB_HISTORY__TTL_SECS", "1")]).await;
+    publish_n(&app, "reloaded", 3).await;
+    let published = Instant::now();
+    assert!(app.terminate().success());
+    // The TTL is the subject: its second has to pass.
+    tokio::time::sleep_until((published + Duration::from_millis(1200)).into()).await;
+    app.restart();
+    let (_, page) = app.get_json("/api/rooms/reloaded/messages").await;
+    assert_eq!(page["messages"], json!([]));
+    let mut c = app.connect("user=alice").await;
+    assert_eq!(c.join("reloaded").await["history"], json!([]));
+    let resp = app
+        .post("/api/rooms/reloaded/messages", json!({"data": 1}))
+        .await;
+    assert_eq!(resp.json::<Value>().await.unwrap()["offset"], 4);
+}
+
+/// Rooms nobody uses stop; the TTL sweep starts them again once their
+/// messages expire so the messages leave the disk, not only the view.
+#[tokio::test]
+async fn expired_history_of_rooms_not_running_leaves_the_disk() {
+    let mut app = TestApp::spawn_with(&[
+        ("ROOMHUB_HISTORY__TTL_SECS", "3"),
+        ("ROOMHUB_ROOMS__IDLE_TIMEOUT_MS", "100"),
+    ])
+    .await;
+    publish_n(&app, "forgotten", 3).await;
+    publish_n(&app, "forgotten-too", 2).await;
+    // The rooms stop (empty and idle) long before their messages expire, and
+    // the sweep starts them again to prune.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let swept = app.metric("roomhub_rooms_swept_total").await;
+        let expired = app.metric("roomhub_messages_expired_total").await;
+        if swept >= 2 && expired == 5 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "swept {swept} rooms, expired {expired} messages"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let data_dir = app.data_dir();
+    assert!(app.terminate().success());
+    let store = roomhub::storage::SledStore::open(
+        &data_dir,
+        roomhub::config::Durability::Sync,
+        Duration::ZERO,
+    )
+    .expect("open the store");
+    for (room, last) in [("forgotten", 3), ("forgotten-too", 2)] {
+        let room = roomhub::protocol::RoomName::parse(room).unwrap();
+        let snap = roomhub::storage::HistoryStore::load_room(&store, &room, 100).unwrap();
+        assert!(snap.tail.is_empty(), "{room}: {:?}", snap.tail);
+        assert_eq!((snap.first_offset, snap.last_offset), (last + 1, last));
+    }
+}

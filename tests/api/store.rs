@@ -3,7 +3,9 @@
 use roomhub::config::Durability;
 use roomhub::protocol::server::MessageTag;
 use roomhub::protocol::{EncodedMessage, Message, RoomName, UserId};
-use roomhub::storage::{HistoryStore, MemoryStore, SledStore, Take, WriteBatch, WriteOp};
+use roomhub::storage::{
+    ExpiryScan, HistoryStore, MemoryStore, SledStore, Take, WriteBatch, WriteOp,
+};
 use serde_json::value::RawValue;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -123,6 +125,38 @@ fn conformance(store: &dyn HistoryStore) {
     // Rooms do not see each other, even when one name extends the other.
     let other = RoomName::parse("conf2").unwrap();
     assert_eq!(store.load_room(&other, 10).unwrap().epoch, None);
+    // The TTL sweep's scan: rooms whose oldest retained message is older
+    // than the cutoff, in name order, a bounded step at a time.
+    let names = |scan: &ExpiryScan| -> Vec<String> {
+        scan.rooms.iter().map(|r| r.as_str().to_owned()).collect()
+    };
+    let next = |scan: &ExpiryScan| scan.next.as_ref().map(|r| r.as_str().to_owned());
+    let young = store.rooms_with_expired(None, 1005, 100, 100).unwrap();
+    assert_eq!(
+        (names(&young), next(&young)),
+        (vec!["conf-truncated".into()], None)
+    );
+    let both = store.rooms_with_expired(None, 99_999, 100, 100).unwrap();
+    assert_eq!(names(&both), vec!["conf", "conf-truncated"]);
+    // One log per step: the next step carries on where this one stopped.
+    let first = store.rooms_with_expired(None, 99_999, 1, 100).unwrap();
+    assert_eq!(
+        (names(&first), next(&first)),
+        (vec!["conf".into()], Some("conf".into()))
+    );
+    let second = store
+        .rooms_with_expired(first.next.as_ref(), 99_999, 1, 100)
+        .unwrap();
+    assert_eq!(
+        (names(&second), next(&second)),
+        (vec!["conf-truncated".into()], None)
+    );
+    // At most `limit` rooms per step.
+    let one = store.rooms_with_expired(None, 99_999, 100, 1).unwrap();
+    assert_eq!(
+        (names(&one), next(&one)),
+        (vec!["conf".into()], Some("conf".into()))
+    );
     store.flush().unwrap();
     let id = store.node_id(None).unwrap();
     assert_eq!(store.node_id(None).unwrap(), id, "the node id is kept");

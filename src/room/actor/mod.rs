@@ -333,7 +333,7 @@ impl RoomActor {
             }
             self.write(ctx, vec![WriteOp::ForgetKeys(expired)], None);
         }
-        self.expire_messages(ctx, now);
+        self.expire_messages(ctx, now, false);
     }
 }
 

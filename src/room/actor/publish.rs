@@ -121,8 +121,11 @@ impl RoomActor {
         );
     }
 
-    /// Prunes messages older than `history.ttl_secs`.
-    pub(super) fn expire_messages(&mut self, ctx: &mut Context<Self>, now: u64) {
+    /// Prunes messages older than `history.ttl_secs`. With `hold`, the room
+    /// handles nothing else until they are out of its view: a room that has
+    /// just loaded must not serve its first reader messages that expired
+    /// while it was not running.
+    pub(super) fn expire_messages(&mut self, ctx: &mut Context<Self>, now: u64, hold: bool) {
         let ttl_ms = self.settings().history.ttl_secs * 1000;
         let Some(log) = self.log.as_ref() else { return };
         if ttl_ms == 0 || log.first_retained > log.durable {
@@ -144,13 +147,17 @@ impl RoomActor {
             log.durable,
         );
         let find = tokio::task::spawn_blocking(move || store.first_unexpired(&room, from, cutoff));
-        ctx.spawn(find.into_actor(self).map(move |found, act, ctx| {
+        let prune = find.into_actor(self).map(move |found, act, ctx| {
             let Ok(Ok(keep_from)) = found else { return };
             let keep_from = keep_from.min(durable + 1);
             let Some(log) = act.log.as_mut() else { return };
             if keep_from > log.first_retained {
                 let from = log.first_retained;
                 log.forget_before(keep_from);
+                act.context
+                    .metrics
+                    .messages_expired
+                    .inc_by(keep_from - from);
                 act.write(
                     ctx,
                     vec![WriteOp::Prune {
@@ -160,7 +167,12 @@ impl RoomActor {
                     None,
                 );
             }
-        }));
+        });
+        if hold {
+            ctx.wait(prune);
+        } else {
+            ctx.spawn(prune);
+        }
     }
 
     /// The store failed: nothing after `durable` can be trusted. Refuse what is
@@ -306,5 +318,6 @@ impl RoomActor {
             ops.push(WriteOp::SetHeader { last });
             self.write(ctx, ops, None);
         }
+        self.expire_messages(ctx, now_ms(), true);
     }
 }
