@@ -6,6 +6,7 @@ use crate::cluster::Cluster;
 use crate::config::Settings;
 use crate::http;
 use crate::metrics::Metrics;
+use crate::room::expiry_sweep::ExpirySweep;
 use crate::state::AppState;
 use crate::storage::{HistoryStore, SledStore};
 use actix_http::{HttpService, KeepAlive};
@@ -123,13 +124,13 @@ impl Application {
         // cluster mode the streams expire records themselves, and a room's
         // local copy is pruned whenever the room runs).
         let expiry_sweep = match self.state.cluster {
-            None => crate::room::expiry_sweep::spawn(self.state.registry.clone()),
+            None => ExpirySweep::start(self.state.registry.clone()),
             Some(_) => None,
         };
         shutdown.await;
         // No room is started for the sweep while the node drains.
-        if let Some(sweep) = expiry_sweep {
-            sweep.abort();
+        if let Some(sweep) = &expiry_sweep {
+            sweep.stop_starting();
         }
         crate::shutdown::drain_sessions(&self.state).await;
         // The drain's `session_disconnected` events (and any others) get a
@@ -145,6 +146,9 @@ impl Application {
         sweeper.abort();
         handle.stop(true).await;
         let _ = server.await;
+        if let Some(sweep) = expiry_sweep {
+            sweep.stop().await;
+        }
         if let Err(error) = self.store.close() {
             // The drain still ends: what could be flushed is, and the store's
             // writer has logged what could not (never anything acked in

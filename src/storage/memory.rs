@@ -2,8 +2,8 @@
 //! benches (fan-out without disk) and tests. Nothing survives the process.
 
 use super::{
-    DedupEntry, ExpiryScan, HistoryStore, RoomSnapshot, StoreError, Take, WriteBatch, WriteDone,
-    WriteOp,
+    DedupEntry, ExpiryScan, HistoryStore, RoomSnapshot, StoreError, SweepCursor, Take, WriteBatch,
+    WriteDone, WriteOp,
 };
 use crate::config::Durability;
 use crate::protocol::{EncodedMessage, RoomName};
@@ -111,7 +111,7 @@ impl HistoryStore for MemoryStore {
 
     fn rooms_with_expired(
         &self,
-        after: Option<&RoomName>,
+        after: Option<&SweepCursor>,
         cutoff_ts: u64,
         scan: usize,
         limit: usize,
@@ -119,7 +119,7 @@ impl HistoryStore for MemoryStore {
         let rooms = self.rooms.lock();
         let mut names: Vec<&RoomName> = rooms
             .keys()
-            .filter(|room| after.is_none_or(|after| *room > after))
+            .filter(|room| after.is_none_or(|after| room.as_str().as_bytes() > &after.0[..]))
             .collect();
         names.sort();
         let mut found = ExpiryScan::default();
@@ -127,7 +127,7 @@ impl HistoryStore for MemoryStore {
             if looked == scan || found.rooms.len() == limit {
                 return Ok(found);
             }
-            found.next = Some((*room).clone());
+            found.next = Some(SweepCursor(room.as_str().as_bytes().to_vec()));
             let oldest = rooms[*room].messages.values().next();
             if oldest.is_some_and(|m| m.ts < cutoff_ts) {
                 found.rooms.push((*room).clone());

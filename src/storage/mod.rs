@@ -150,10 +150,15 @@ pub type WriteDone = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 pub struct ExpiryScan {
     /// Rooms whose oldest retained message has expired.
     pub rooms: Vec<RoomName>,
-    /// The last room looked at, where the next step continues; `None` when
-    /// this step reached the end of the store (the next one starts over).
-    pub next: Option<RoomName>,
+    /// Where the next step continues (past the last log looked at, even one
+    /// that could not be read); `None` when this step reached the end of
+    /// the store (the next one starts over).
+    pub next: Option<SweepCursor>,
 }
+
+/// A place in the store's rooms, opaque to all but the store that made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SweepCursor(pub(crate) Vec<u8>);
 
 /// Which way [`HistoryStore::read_range`] takes `limit` messages from a range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,7 +198,7 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// message is older than `cutoff_ts` (unix ms).
     fn rooms_with_expired(
         &self,
-        after: Option<&RoomName>,
+        after: Option<&SweepCursor>,
         cutoff_ts: u64,
         scan: usize,
         limit: usize,

@@ -16,8 +16,8 @@ use super::keys::{self, Header, LOG_TREE, META_TREE, NODE_ID_KEY};
 use super::lifecycle::{self, Begun};
 use super::writer::{Job, Writer};
 use super::{
-    migrate, DedupEntry, ExpiryScan, HistoryStore, RoomSnapshot, StoreError, Take, WriteBatch,
-    WriteDone,
+    migrate, DedupEntry, ExpiryScan, HistoryStore, RoomSnapshot, StoreError, SweepCursor, Take,
+    WriteBatch, WriteDone,
 };
 use crate::config::Durability;
 use crate::protocol::{EncodedMessage, RoomName};
@@ -271,6 +271,33 @@ impl Drop for SledStore {
 }
 
 impl SledStore {
+    /// [`HistoryStore::first_unexpired`] over the ring `header` describes.
+    fn first_unexpired_in(
+        &self,
+        handles: &Handles,
+        room: &RoomName,
+        header: Header,
+        from: u64,
+        cutoff_ts: u64,
+    ) -> Result<u64, StoreError> {
+        let name = room.as_str().as_bytes();
+        let ring = header.ring.max(1);
+        for offset in from.max(header.first)..=header.last {
+            let key = keys::slot_key(name, offset, ring);
+            let Some(value) = handles.log.get(&key)? else {
+                continue;
+            };
+            // An unreadable message has no age: it goes with the expired ones.
+            let Some(message) = self.readable(room, Ok((key.into(), value)))? else {
+                continue;
+            };
+            if message.offset == offset && message.ts >= cutoff_ts {
+                return Ok(offset);
+            }
+        }
+        Ok(header.last + 1)
+    }
+
     /// Reads a room's log and checks that its header, offsets and newest
     /// messages agree; what does not is reported as [`RoomSnapshot::damage`].
     fn read_room(&self, room: &RoomName, tail: usize) -> Result<RoomSnapshot, StoreError> {
@@ -341,6 +368,37 @@ impl SledStore {
                 }
             }
         }
+        // The stored header may lag its ring (format v5), and the walk that
+        // finds the exact one stops at the first slot that does not hold
+        // the next offset. A slot within the lag that holds a newer offset,
+        // or cannot be read at all, may be an acked message the walk could
+        // not follow: damage, and no offset up to it is handed out again.
+        let mut beyond = last_offset;
+        if let Some(header) = header {
+            let ring = header.ring.max(1);
+            for offset in header.last + 1..header.last + headers::lag_limit(ring) {
+                let Some(value) = log.get(keys::slot_key(name, offset, ring))? else {
+                    continue;
+                };
+                match headers::offset_in(&value) {
+                    Some(found) if found <= header.last => {} // an older message
+                    Some(found) => {
+                        damage.get_or_insert(format!(
+                            "offset {found} lies past its newest offset {}",
+                            header.last
+                        ));
+                        beyond = beyond.max(found);
+                    }
+                    None => {
+                        damage.get_or_insert(format!(
+                            "the slot after offset {} is unreadable",
+                            offset - 1
+                        ));
+                        beyond = beyond.max(offset);
+                    }
+                }
+            }
+        }
         if let Some(reason) = &damage {
             tracing::error!(room = %room, %reason, "room log is inconsistent; the room moves to a new epoch");
         }
@@ -361,7 +419,7 @@ impl SledStore {
                 .values()
                 .flatten()
                 .filter_map(|v| headers::offset_in(&v))
-                .fold(last_offset, u64::max),
+                .fold(beyond, u64::max),
             None => last_offset,
         };
         Ok(RoomSnapshot {
@@ -443,37 +501,36 @@ impl HistoryStore for SledStore {
     ) -> Result<u64, StoreError> {
         let handles = self.handles()?;
         let name = room.as_str().as_bytes();
-        let Some(header) = self.header(&handles, name)? else {
-            return Ok(from);
-        };
-        let ring = header.ring.max(1);
-        for offset in from.max(header.first)..=header.last {
-            let key = keys::slot_key(name, offset, ring);
-            let Some(value) = handles.log.get(&key)? else {
-                continue;
+        // A re-layout (queued by a room as it loads, just before it looks
+        // for expired messages) moves every slot: a scan it overtakes would
+        // skip young messages as missing and prune them. Only a scan over a
+        // ring that held still counts; after a few tries, nothing expires
+        // this time.
+        for _ in 0..3 {
+            let Some(header) = self.header(&handles, name)? else {
+                return Ok(from);
             };
-            // An unreadable message has no age: it goes with the expired ones.
-            let Some(message) = self.readable(room, Ok((key.into(), value)))? else {
-                continue;
-            };
-            if message.offset == offset && message.ts >= cutoff_ts {
-                return Ok(offset);
+            let found = self.first_unexpired_in(&handles, room, header, from, cutoff_ts)?;
+            let now = self.header(&handles, name)?;
+            if now.is_some_and(|h| h.ring == header.ring && h.epoch == header.epoch) {
+                return Ok(found);
             }
         }
-        Ok(header.last + 1)
+        Ok(from)
     }
 
     fn rooms_with_expired(
         &self,
-        after: Option<&RoomName>,
+        after: Option<&SweepCursor>,
         cutoff_ts: u64,
         scan: usize,
         limit: usize,
     ) -> Result<ExpiryScan, StoreError> {
         use std::ops::Bound;
         let handles = self.handles()?;
+        // The cursor is the last header key looked at.
         let start = match after {
-            Some(room) => Bound::Excluded(keys::room_meta_key(room.as_str().as_bytes())),
+            Some(cursor) => Bound::Excluded(cursor.0.clone()),
             None => Bound::Included(keys::ROOM_HEADER_PREFIX.to_vec()),
         };
         let mut found = ExpiryScan::default();
@@ -486,6 +543,7 @@ impl HistoryStore for SledStore {
             if looked == scan || found.rooms.len() == limit {
                 return Ok(found);
             }
+            found.next = Some(SweepCursor(key.to_vec()));
             let (Some(stored), Some(room)) = (
                 Header::decode(&value),
                 std::str::from_utf8(name)
@@ -494,7 +552,6 @@ impl HistoryStore for SledStore {
             ) else {
                 continue; // Not a room log this binary wrote; loading it says so.
             };
-            found.next = Some(room.clone());
             let header = headers::exact(&handles.log, name, stored)?;
             if header.first > header.last {
                 continue;

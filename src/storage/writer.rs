@@ -335,6 +335,8 @@ fn add_to_batch(
     });
     // Set by what readers cannot follow from the ring alone.
     let mut explicit = false;
+    // Whether the batch adds or rewrites messages (not only forgets them).
+    let mut writes_messages = false;
     let insert = |batch: &mut sled::Batch, bytes: &mut usize, key: Vec<u8>, value: &[u8]| {
         *bytes += key.len() + value.len();
         batch.insert(key, value);
@@ -348,6 +350,7 @@ fn add_to_batch(
         let ring = header.ring.max(1);
         match op {
             WriteOp::Append { message, key } => {
+                writes_messages = true;
                 let offset = message.offset;
                 explicit |= offset != header.last + 1;
                 if let Some(key) = key {
@@ -390,20 +393,31 @@ fn add_to_batch(
                 header.last = after;
                 header.first = header.first.min(after + 1);
                 explicit = true;
+                writes_messages = true;
             }
             WriteOp::SetHeader { last } => {
                 header.last = last;
                 header.first = header.first.min(last + 1);
                 explicit = true;
+                writes_messages = true;
             }
             WriteOp::Relayout => {
                 bytes += relayout(batch, handles, room, &mut header, write.ring.max(1));
                 explicit = true;
+                writes_messages = true;
             }
         }
     }
     header.epoch = write.epoch;
-    header.incarnation = handles.incarnation;
+    // The run marks a log whose acked messages a crash may have cut short
+    // (`lifecycle`). A batch that only prunes or forgets keys acks nothing
+    // (lost, it only brings back what the room prunes again), so it keeps
+    // the run of the log's messages: a room pruned by its TTL (the sweep
+    // starts idle ones for that) does not move to a new epoch after an
+    // unclean stop with `batched` durability.
+    if writes_messages || known.is_none() {
+        header.incarnation = handles.incarnation;
+    }
     let stored = if explicit || headers::must_write(stored.as_ref(), &header) {
         insert(batch, &mut bytes, header_key.clone(), &header.encode());
         Some(header)

@@ -309,3 +309,118 @@ async fn changing_max_per_room_relays_the_log() {
         .await;
     assert_eq!(http["epoch"], epoch);
 }
+
+/// A header may trail its full ring by a few appends (format v5); when the
+/// slot just past it cannot be read, the walk to the exact header stops
+/// there. The load reports the damage and hands none of the offsets past
+/// it out again (the room moves to a new epoch).
+#[test]
+fn an_unreadable_slot_past_a_trailing_header_is_damage_not_a_reused_offset() {
+    use roomhub::config::Durability;
+    use roomhub::protocol::RoomName;
+    use roomhub::storage::{keys, HistoryStore, SledStore};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let room = RoomName::parse("trailing").unwrap();
+    let store = SledStore::open(dir.path(), Durability::Sync, Duration::ZERO).unwrap();
+    // A full ring of 16, then three more appends.
+    let ops = (1..=19)
+        .map(|o| roomhub::storage::WriteOp::Append {
+            message: crate::store::message(&room, o, 1000 + o),
+            key: None,
+        })
+        .collect();
+    crate::store::write_ring(&store, &room, 5, 16, ops);
+    store.close().unwrap();
+    drop(store);
+    // What a kill -9 can leave: the header at 16 (it trails by 3), and
+    // here the slot of 17 damaged.
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let log = db.open_tree(keys::LOG_TREE).unwrap();
+        let key = keys::room_meta_key(b"trailing");
+        let mut header = Header::decode(&log.get(&key).unwrap().unwrap()).unwrap();
+        assert_eq!(header.last, 19);
+        (header.first, header.last) = (1, 16);
+        log.insert(&key, header.encode().to_vec()).unwrap();
+        log.insert(keys::slot_key(b"trailing", 17, 16), b"not json".as_slice())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = SledStore::open(dir.path(), Durability::Sync, Duration::ZERO).unwrap();
+    let snap = store.load_room(&room, 3).unwrap();
+    assert!(snap.damage.is_some(), "the damage is reported");
+    assert!(
+        snap.last_offset >= 19,
+        "no acked offset is handed out again: {}",
+        snap.last_offset
+    );
+}
+
+/// A write that only prunes acks nothing, so it keeps the run of the log's
+/// messages: a room the TTL sweep pruned does not move to a new epoch when
+/// the `batched` run that pruned it stops uncleanly (a room that took a
+/// publish in that run does).
+#[tokio::test]
+async fn a_ttl_prune_in_a_batched_run_that_crashes_keeps_the_epoch() {
+    let mut app = TestApp::spawn_with(&[("ROOMHUB_STORAGE__DURABILITY", "batched")]).await;
+    let mut c = app.connect("user=alice").await;
+    let epoch = c.join("pruned").await["epoch"].as_u64().unwrap();
+    for i in 0..3 {
+        c.publish("pruned", json!(i)).await;
+    }
+    drop(c);
+    assert!(app.terminate().success());
+
+    app.set_env("ROOMHUB_HISTORY__TTL_SECS", "1");
+    app.set_env("ROOMHUB_ROOMS__IDLE_TIMEOUT_MS", "100");
+    app.restart();
+    let mut c = app.connect("user=bob").await;
+    let other_epoch = c.join("written").await["epoch"].as_u64().unwrap();
+    c.publish("written", json!("acked, maybe not flushed"))
+        .await;
+    drop(c);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while app.metric("roomhub_messages_expired_total").await < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweep pruned nothing"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The prune is applied once the room's next turn has nothing queued:
+    // the header on disk shows it.
+    let data = app.data_dir();
+    app.kill9();
+    let header = stored_headers(&data)["pruned"];
+    assert_eq!(header.first, 4, "the prune reached the disk");
+
+    app.restart();
+    let (_, page) = app.get_json("/api/rooms/pruned/messages").await;
+    assert_eq!(page["epoch"], epoch, "pruning acked nothing: same epoch");
+    assert_eq!(page["messages"], json!([]));
+    let (_, page) = app.get_json("/api/rooms/written/messages").await;
+    assert_ne!(
+        page["epoch"], other_epoch,
+        "a room with a publish in the crashed batched run moves on"
+    );
+}
+
+/// Changing `history.max_per_room` re-lays a room's ring as it loads, just
+/// before it looks for expired messages: young messages stay.
+#[tokio::test]
+async fn a_ring_relaid_at_load_with_a_ttl_keeps_young_messages() {
+    let mut app = TestApp::spawn_with(&[("ROOMHUB_HISTORY__MAX_PER_ROOM", "20")]).await;
+    let mut c = app.connect("user=alice").await;
+    c.join("relaid").await;
+    for i in 0..15 {
+        c.publish("relaid", json!(i)).await;
+    }
+    drop(c);
+    assert!(app.terminate().success());
+    app.set_env("ROOMHUB_HISTORY__MAX_PER_ROOM", "10");
+    app.set_env("ROOMHUB_HISTORY__TTL_SECS", "3600");
+    app.restart();
+    let (_, page) = app.get_json("/api/rooms/relaid/messages?limit=100").await;
+    assert_eq!(offsets(&page["messages"]), (6..=15).collect::<Vec<_>>());
+}
