@@ -8,6 +8,12 @@
 //! their own offsets (`src/storage/headers.rs` says when a header is still
 //! written at once).
 //!
+//! v5 also lets a slot hold a `lost` marker (`{"offset":N,"lost":true}`) in
+//! place of a message found unreadable: the room's run of offsets stays
+//! whole, so the log does not look damaged at every start (v4 pruned the
+//! unreadable offset, which moved the log's first offset past the readable
+//! messages before it).
+//!
 //! Every v4 header is exact, which is a valid v5 header, so the step changes
 //! no data. The version is raised all the same: a v4 binary would trust a v5
 //! header's `last` and hand out offsets again, so it must refuse a v5 store

@@ -9,7 +9,9 @@
 //!               'r' room          → epoch | last offset | incarnation | first
 //!                                   retained offset | ring size (u64 BE each)
 //!               's' room 0x00 slot → the encoded `message` frame (JSON) whose
-//!                                   offset % ring size is `slot` (u64 BE)
+//!                                   offset % ring size is `slot` (u64 BE), or
+//!                                   {"offset":N,"lost":true} in place of one
+//!                                   found unreadable (never served)
 //!               'k' room 0x00 key  → offset u64 BE | ts u64 BE
 //! ```
 //! A room's messages live in a ring of slots, so appending to a room at its
@@ -140,6 +142,20 @@ pub fn slot_prefix(room: &[u8]) -> Vec<u8> {
     let mut key = prefixed(SLOT, room, 8);
     key.push(0);
     key
+}
+
+/// What a slot holds in place of a message found unreadable (format v5):
+/// it keeps the offset's place in the room's run of offsets, so the log
+/// stays consistent, and is never served. JSON with the offset, so the
+/// walk past a trailing header ([`super::headers::exact`]) reads it as any
+/// other slot.
+pub fn lost_marker(offset: u64) -> Vec<u8> {
+    format!(r#"{{"offset":{offset},"lost":true}}"#).into_bytes()
+}
+
+/// Whether a slot holds a [`lost_marker`].
+pub fn is_lost_marker(value: &[u8]) -> bool {
+    value.starts_with(br#"{"offset":"#) && value.ends_with(br#","lost":true}"#)
 }
 
 /// The key of the slot that holds `offset` in a ring of `ring` slots.

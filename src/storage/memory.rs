@@ -167,6 +167,9 @@ impl HistoryStore for MemoryStore {
                         log.last = after;
                     }
                     WriteOp::SetHeader { last } => log.last = last,
+                    WriteOp::MarkLost { offset } => {
+                        log.messages.remove(&offset);
+                    }
                     // Offsets are the keys here: nothing to re-lay.
                     WriteOp::Relayout => {}
                 }

@@ -113,6 +113,9 @@ pub enum WriteOp {
     },
     /// Deletes the messages with offsets in `from..to`.
     Prune { from: u64, to: u64 },
+    /// Replaces an unreadable message with a marker that keeps its place
+    /// (the log stays a run of consecutive offsets) and is never served.
+    MarkLost { offset: u64 },
     /// Forgets idempotency keys whose window has passed.
     ForgetKeys(Vec<String>),
     /// Deletes every message (and idempotency key) after `after` and makes

@@ -253,6 +253,9 @@ impl SledStore {
         entry: Result<(sled::IVec, sled::IVec), sled::Error>,
     ) -> Result<Option<EncodedMessage>, StoreError> {
         let (key, json) = entry?;
+        if keys::is_lost_marker(&json) {
+            return Ok(None); // Already reported, when it was found.
+        }
         match self.decode(json) {
             Ok(message) => Ok(Some(message)),
             Err(error) => {
@@ -351,6 +354,9 @@ impl SledStore {
                     damage.get_or_insert(format!("offset {offset} is missing"));
                     continue;
                 };
+                if keys::is_lost_marker(&value) {
+                    continue; // Found unreadable before and marked: not served.
+                }
                 match self.decode(value) {
                     Ok(message) if message.offset == offset => messages.push(message),
                     Ok(message) => {

@@ -375,6 +375,18 @@ fn add_to_batch(
                 }
                 header.first = header.first.max(to);
             }
+            WriteOp::MarkLost { offset } => {
+                // Only while the offset still owns its slot.
+                if header.retained().contains(&offset) && offset + ring > header.last {
+                    let marker = keys::lost_marker(offset);
+                    insert(
+                        batch,
+                        &mut bytes,
+                        keys::slot_key(room, offset, ring),
+                        &marker,
+                    );
+                }
+            }
             WriteOp::ForgetKeys(keys_to_forget) => {
                 for key in keys_to_forget {
                     remove(batch, &mut bytes, keys::dedup_key(room, &key));

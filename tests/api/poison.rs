@@ -199,3 +199,34 @@ async fn every_read_path_skips_a_damaged_stored_message() {
     )
     .await;
 }
+
+/// A damaged message in the middle of a room's log moves the room to a new
+/// epoch once: the room removes it, keeps the readable messages around it,
+/// and the next start finds the log consistent (same epoch, same messages).
+#[tokio::test]
+async fn a_damaged_message_is_mended_once_and_its_neighbours_kept() {
+    let mut app = TestApp::spawn().await;
+    for i in 1..=5 {
+        let resp = app
+            .post("/api/rooms/mended/messages", serde_json::json!({"data": i}))
+            .await;
+        assert_eq!(resp.status(), 201);
+    }
+    let (_, page) = app.get_json("/api/rooms/mended/messages").await;
+    let first_epoch = page["epoch"].clone();
+    assert!(app.terminate().success());
+    damage(&app.data_dir(), "mended", 3);
+    app.restart();
+    let (_, page) = app.get_json("/api/rooms/mended/messages").await;
+    let mended_epoch = page["epoch"].clone();
+    assert_ne!(mended_epoch, first_epoch, "damage moves the room on");
+    assert_eq!(offsets(&page["messages"]), vec![1, 2, 4, 5]);
+    assert!(app.terminate().success());
+    app.restart();
+    let (_, page) = app.get_json("/api/rooms/mended/messages").await;
+    assert_eq!(
+        page["epoch"], mended_epoch,
+        "mended once, not at every start"
+    );
+    assert_eq!(offsets(&page["messages"]), vec![1, 2, 4, 5]);
+}

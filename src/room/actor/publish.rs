@@ -308,12 +308,12 @@ impl RoomActor {
             }
         }
         if damaged {
+            // Unreadable messages are marked lost, not pruned: a prune moves
+            // the log's first offset past them, and the readable messages
+            // before them would make the log look damaged at every start.
             let mut ops: Vec<WriteOp> = unreadable
                 .into_iter()
-                .map(|offset| WriteOp::Prune {
-                    from: offset,
-                    to: offset + 1,
-                })
+                .map(|offset| WriteOp::MarkLost { offset })
                 .collect();
             ops.push(WriteOp::SetHeader { last });
             self.write(ctx, ops, None);
