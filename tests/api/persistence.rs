@@ -388,8 +388,16 @@ async fn a_ttl_prune_in_a_batched_run_that_crashes_keeps_the_epoch() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    // The prune is applied once the room's next turn has nothing queued:
-    // the header on disk shows it.
+    // Both rooms stop once idle (a second's maintenance tick at least after
+    // the prune was queued): by then the writer has applied it and sled's
+    // flusher (every 10 ms with `batched`) has written it out.
+    while app.metric("roomhub_rooms").await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rooms never stopped"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let data = app.data_dir();
     app.kill9();
     let header = stored_headers(&data)["pruned"];

@@ -154,10 +154,6 @@ impl RoomActor {
             if keep_from > log.first_retained {
                 let from = log.first_retained;
                 log.forget_before(keep_from);
-                act.context
-                    .metrics
-                    .messages_expired
-                    .inc_by(keep_from - from);
                 act.write(
                     ctx,
                     vec![WriteOp::Prune {
@@ -166,6 +162,11 @@ impl RoomActor {
                     }],
                     None,
                 );
+                // Counted once queued for the store's writer.
+                act.context
+                    .metrics
+                    .messages_expired
+                    .inc_by(keep_from - from);
             }
         });
         if hold {
