@@ -76,7 +76,7 @@ fn start_over(snapshot: &mut RoomSnapshot, epoch: u64, ops: &mut Vec<WriteOp>) {
         tail: Vec::new(),
         keys: Vec::new(),
         damage: None,
-        unreadable: Vec::new(),
+        lost: Vec::new(),
         ring: snapshot.ring,
     };
 }

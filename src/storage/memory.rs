@@ -41,7 +41,7 @@ impl HistoryStore for MemoryStore {
                 tail: Vec::new(),
                 keys: Vec::new(),
                 damage: None,
-                unreadable: Vec::new(),
+                lost: Vec::new(),
                 ring: 0,
             });
         };
@@ -63,7 +63,7 @@ impl HistoryStore for MemoryStore {
                 })
                 .collect(),
             damage: None,
-            unreadable: Vec::new(),
+            lost: Vec::new(),
             ring: 0,
         })
     }

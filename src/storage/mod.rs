@@ -95,9 +95,9 @@ pub struct RoomSnapshot {
     /// epoch. `tail` holds what is still readable, and `last_offset` is at
     /// least every offset ever found, so none is handed out again.
     pub damage: Option<String>,
-    /// Offsets whose stored message cannot be read (skipped; the room
-    /// removes them).
-    pub unreadable: Vec<u64>,
+    /// A damaged log's retained offsets whose message is missing or cannot
+    /// be read (never served; the room marks them [`WriteOp::MarkLost`]).
+    pub lost: Vec<u64>,
     /// The size of the log's ring of slots (0: no log, or a store without
     /// rings); a room whose retention differs asks for [`WriteOp::Relayout`].
     pub ring: u64,

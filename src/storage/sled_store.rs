@@ -301,6 +301,34 @@ impl SledStore {
         Ok(header.last + 1)
     }
 
+    /// The offsets of a damaged log's retained range whose slot holds no
+    /// readable message of its own (missing, unreadable, or another
+    /// offset's): the room marks them lost, so the mended log is a whole run
+    /// of offsets again and the next start finds it consistent. Read only
+    /// for a damaged log: at most a ring's worth of slots.
+    fn lost_offsets(
+        &self,
+        handles: &Handles,
+        name: &[u8],
+        header: Header,
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<u64>, StoreError> {
+        let ring = header.ring.max(1);
+        let mut lost = Vec::new();
+        for offset in first.max((last + 1).saturating_sub(ring))..=last {
+            let whole = match handles.log.get(keys::slot_key(name, offset, ring))? {
+                Some(value) if keys::is_lost_marker(&value) => true,
+                Some(value) => self.decode(value).is_ok_and(|m| m.offset == offset),
+                None => false,
+            };
+            if !whole {
+                lost.push(offset);
+            }
+        }
+        Ok(lost)
+    }
+
     /// Reads a room's log and checks that its header, offsets and newest
     /// messages agree; what does not is reported as [`RoomSnapshot::damage`].
     fn read_room(&self, room: &RoomName, tail: usize) -> Result<RoomSnapshot, StoreError> {
@@ -343,9 +371,8 @@ impl SledStore {
 
         // The newest messages, each read from its slot and checked to be
         // readable and the offset asked for. What is readable is kept (a
-        // gap stays a gap); what is not is reported for removal.
+        // gap stays a gap); what is not is damage.
         let mut messages = Vec::with_capacity(tail.min(1024));
-        let mut unreadable = Vec::new();
         let newest_from = first_offset.max((last_offset + 1).saturating_sub(tail as u64));
         if let Some(header) = header {
             let ring = header.ring.max(1);
@@ -369,7 +396,6 @@ impl SledStore {
                         damage.get_or_insert(format!(
                             "the message at offset {offset} is unreadable ({e})"
                         ));
-                        unreadable.push(offset);
                     }
                 }
             }
@@ -428,13 +454,19 @@ impl SledStore {
                 .fold(beyond, u64::max),
             None => last_offset,
         };
+        let lost = match (&damage, header) {
+            (Some(_), Some(header)) => {
+                self.lost_offsets(&handles, name, header, first_offset, last_offset)?
+            }
+            _ => Vec::new(),
+        };
         Ok(RoomSnapshot {
             epoch: header.map(|h| h.epoch),
             last_offset,
             first_offset,
             tail: messages,
             keys: dedup,
-            unreadable,
+            lost,
             damage,
             ring,
         })

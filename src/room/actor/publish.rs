@@ -292,7 +292,7 @@ impl RoomActor {
             Some(epoch) if !damaged => epoch,
             _ => new_epoch(),
         };
-        let unreadable = snapshot.unreadable.clone();
+        let lost = snapshot.lost.clone();
         let last = snapshot.last_offset;
         let relayout = snapshot.ring != 0 && snapshot.ring != self.settings().history.max_per_room;
         self.log = Some(LogState::from_snapshot(
@@ -309,14 +309,13 @@ impl RoomActor {
             }
         }
         if damaged {
-            // Unreadable messages are marked lost, not pruned: a prune moves
-            // the log's first offset past them, and the readable messages
-            // before them would make the log look damaged at every start.
-            let mut ops: Vec<WriteOp> = unreadable
-                .into_iter()
-                .map(|offset| WriteOp::MarkLost { offset })
-                .collect();
-            ops.push(WriteOp::SetHeader { last });
+            // The header first (it may reach past the stored one), then the
+            // missing and unreadable messages marked lost, not pruned: a
+            // prune moves the log's first offset past them, and the readable
+            // messages before them would make the log look damaged at every
+            // start.
+            let mut ops = vec![WriteOp::SetHeader { last }];
+            ops.extend(lost.into_iter().map(|offset| WriteOp::MarkLost { offset }));
             self.write(ctx, ops, None);
         }
         self.expire_messages(ctx, now_ms(), true);
